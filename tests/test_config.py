@@ -1,0 +1,81 @@
+import pytest
+
+from nsft_ray.config import (
+    Config,
+    ConfigError,
+    WorldConfig,
+    apply_overrides,
+    from_dict,
+    load_config,
+    save_config,
+)
+
+
+def test_defaults_and_yaml_with_overrides(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("run:\n  seed: 3\nworld:\n  n_train: 10\n  shapes: [circle, star]\n")
+    overrides = ["world.n_eval=7", "data.validation.max_tokens=64", "world.caption_pair_fraction=1"]
+    cfg = load_config(path, overrides)
+    assert isinstance(cfg, Config)
+    assert cfg.run.seed == 3
+    assert cfg.world.n_train == 10 and cfg.world.n_eval == 7
+    assert cfg.world.shapes == ("circle", "star")
+    assert cfg.data.validation.max_tokens == 64
+    assert cfg.world.caption_pair_fraction == 1.0
+    assert isinstance(cfg.world.caption_pair_fraction, float)
+    assert cfg.world.image_size == WorldConfig().image_size  # untouched default
+
+
+def test_scientific_notation_override_is_a_float():
+    data = apply_overrides({}, ["negatives.llm.temperature=1e-5"])
+    assert data == {"negatives": {"llm": {"temperature": 1e-5}}}
+
+
+def test_unknown_key_names_key_and_allowed_keys():
+    with pytest.raises(ConfigError) as e:
+        load_config(None, ["world.n_trian=5"])
+    msg = str(e.value)
+    assert "world.n_trian" in msg and "n_train" in msg and "n_eval" in msg
+
+
+def test_unknown_section():
+    with pytest.raises(ConfigError, match="unknown key bogus; allowed keys in the top level: run"):
+        from_dict(Config, {"bogus": {}})
+
+
+@pytest.mark.parametrize(
+    "override, fragment",
+    [
+        ("world.n_train=abc", "world.n_train: expected an integer, got 'abc'"),
+        ("world.n_train=1.5", "world.n_train: expected an integer"),
+        ("negatives.include_chosen=3", "negatives.include_chosen: expected true or false"),
+        ("world.negatives=magic", "world.negatives: 'magic' is not one of 'synthetic', 'policy'"),
+        ("world.shapes=circle", "world.shapes: expected a list"),
+        ("run=5", "run: expected a mapping"),
+        ("world", "expected key=value"),
+    ],
+)
+def test_wrong_types_name_the_key(override, fragment):
+    with pytest.raises(ConfigError) as e:
+        load_config(None, [override])
+    assert fragment in str(e.value)
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "nope.yaml")
+
+
+def test_saved_config_reloads_identically(tmp_path):
+    cfg = load_config(None, ["world.n_train=11", "negatives.constructor=template"])
+    path = save_config(cfg, tmp_path / "run")
+    assert load_config(path) == cfg
+
+
+def test_bundled_job_configs_load():
+    from pathlib import Path
+
+    configs = sorted(Path(__file__).resolve().parents[1].glob("jobs/configs/**/*.yaml"))
+    assert configs, "jobs/configs has no YAML files"
+    for path in configs:
+        load_config(path)  # raises on any unknown key or wrong type

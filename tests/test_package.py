@@ -1,0 +1,48 @@
+"""The public surface: every module imports, and the core imports with Ray unavailable."""
+
+import importlib
+import pkgutil
+import subprocess
+import sys
+
+import nsft_ray
+
+
+def _modules():
+    for info in pkgutil.walk_packages(nsft_ray.__path__, "nsft_ray."):
+        yield info.name
+
+
+def test_every_module_imports():
+    names = list(_modules())
+    assert "nsft_ray.config" in names and "nsft_ray.schema" in names
+    for name in names:
+        importlib.import_module(name)
+
+
+def test_all_names_exist():
+    for name in _modules():
+        mod = importlib.import_module(name)
+        for attr in getattr(mod, "__all__", []):
+            assert hasattr(mod, attr), f"{name}.__all__ lists {attr!r}, which is not defined"
+
+
+def test_core_imports_without_ray():
+    """Block `ray` and import every module outside ray_glue: the core must not need a cluster."""
+    core = [n for n in _modules() if not n.startswith("nsft_ray.ray_glue")]
+    code = (
+        "import sys\n"
+        "class Block:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name == 'ray' or name.startswith('ray.'):\n"
+        "            raise ImportError('ray is blocked in this test')\n"
+        "sys.meta_path.insert(0, Block())\n"
+        "import importlib\n"
+        f"for n in {core!r}:\n"
+        "    importlib.import_module(n)\n"
+        "assert 'ray' not in sys.modules\n"
+        "print('ok')\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.strip().endswith("ok")
