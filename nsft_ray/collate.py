@@ -1,0 +1,214 @@
+"""Conversation rows -> model batches, through the processor's chat template.
+
+A conversation row (schema.CONVERSATION_SCHEMA) holds image bytes and messages [{role, content}];
+the image belongs to the first user turn. Training labels are the token ids of every assistant
+turn, including its end-of-turn token (so the model learns to stop); everything else is -100.
+
+    collate = Collator(processor, max_length=256)
+    batch = collate(rows)   # input_ids, attention_mask, labels (B, T) + pixel_values, ...
+
+Truncation rule: a sequence longer than max_length keeps its first max_length tokens (the image
+sits at the start, later turns are cut). A cut that would split the image or leave no assistant
+token to learn from raises ValueError naming the row: validation should have quarantined it.
+"""
+
+from __future__ import annotations
+
+import io
+import re
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+from PIL import Image
+from torch import Tensor
+from transformers import ProcessorMixin
+
+from nsft_ray.schema import ROLES
+
+__all__ = [
+    "IGNORE_INDEX",
+    "Collator",
+    "decode_image",
+    "encode_conversation",
+    "encode_prompt",
+    "rows_from_batch",
+    "to_chat",
+]
+
+IGNORE_INDEX = -100
+_GENERATION_MARKER = re.compile(r"{%-?\s*generation\s*-?%}")
+
+
+def decode_image(data: bytes | Image.Image) -> Image.Image:
+    """Encoded image bytes (PNG/JPEG/...) -> an RGB PIL image."""
+    if isinstance(data, Image.Image):
+        return data.convert("RGB")
+    return Image.open(io.BytesIO(bytes(data))).convert("RGB")
+
+
+def to_chat(image: Image.Image, messages: Sequence[Mapping[str, Any]]) -> list[dict]:
+    """Schema messages -> the processor's chat format, the image first in the first user turn.
+
+    Roles must alternate user, assistant, user, ... starting with user.
+    """
+    if not messages:
+        raise ValueError("messages is empty; expected user/assistant turns")
+    chat = []
+    for i, m in enumerate(messages):
+        role, content = str(m["role"]), str(m["content"])
+        expected = ROLES[i % 2]
+        if role != expected:
+            raise ValueError(
+                f"messages[{i}].role={role!r}: expected {expected!r} (turns alternate)"
+            )
+        parts: list[dict] = [{"type": "text", "text": content}]
+        if i == 0:
+            parts.insert(0, {"type": "image", "image": image})
+        chat.append({"role": role, "content": parts})
+    return chat
+
+
+def encode_conversation(
+    processor: ProcessorMixin, image: Image.Image, messages: Sequence[Mapping[str, Any]],
+    max_length: int,
+) -> dict[str, Tensor]:
+    """One conversation -> input_ids, attention_mask, labels (T,) and the processor's vision
+    tensors for this one example (e.g. pixel_values (N_img, 3, H, W), pixel_attention_mask)."""
+    chat = to_chat(image, messages)
+    # Templates with {% generation %} markers (ours) give the assistant mask directly; for other
+    # templates (most hub checkpoints) it is computed by rendering prefixes of the conversation.
+    has_markers = bool(_GENERATION_MARKER.search(processor.chat_template or ""))
+    enc = processor.apply_chat_template(
+        chat, tokenize=True, return_dict=True, return_tensors="pt",
+        return_assistant_tokens_mask=has_markers,
+    )
+    input_ids = enc.pop("input_ids")[0]  # (T,)
+    if has_markers:
+        assistant = enc.pop("assistant_masks")[0].bool()
+    else:
+        assistant = _assistant_mask_by_prefixes(processor, chat, input_ids)
+    example = {
+        "input_ids": input_ids,
+        "attention_mask": enc.pop("attention_mask")[0],
+        "labels": torch.where(assistant, input_ids, IGNORE_INDEX),
+    }
+    if len(input_ids) > max_length:
+        image_positions = (input_ids == getattr(processor, "image_token_id", -1)).nonzero()
+        if len(image_positions) and image_positions.max() >= max_length:
+            raise ValueError(
+                f"conversation has {len(input_ids)} tokens and its image ends at token "
+                f"{int(image_positions.max()) + 1}: max_length={max_length} would cut the image"
+            )
+        example = {k: v[:max_length] for k, v in example.items()}
+        if not (example["labels"] != IGNORE_INDEX).any():
+            raise ValueError(
+                f"conversation has {len(input_ids)} tokens; truncated to max_length={max_length} "
+                "no assistant token is left to learn from"
+            )
+    example.update({k: v[0] for k, v in enc.items()})  # vision tensors, without the batch dim
+    return example
+
+
+def _assistant_mask_by_prefixes(
+    processor: ProcessorMixin, chat: list[dict], input_ids: Tensor
+) -> Tensor:
+    """Assistant mask for templates without {% generation %} markers.
+
+    Turn i's answer = the tokens between chat[:i] rendered with the generation prompt and
+    chat[:i+1], cut after the first eos (a template's trailing newline is not the answer).
+    """
+    mask = torch.zeros_like(input_ids, dtype=torch.bool)
+    eos = processor.tokenizer.eos_token_id
+
+    def ids(turns: list[dict], add_generation_prompt: bool) -> Tensor:
+        out = processor.apply_chat_template(
+            turns, add_generation_prompt=add_generation_prompt, tokenize=True,
+            return_dict=True, return_tensors="pt",
+        )
+        return out["input_ids"][0]
+
+    for i, turn in enumerate(chat):
+        if turn["role"] != "assistant":
+            continue
+        start = len(ids(chat[:i], True))
+        upto = ids(chat[:i + 1], False)
+        if not torch.equal(upto, input_ids[: len(upto)]):
+            raise ValueError(
+                f"chat template is not prefix-stable at turn {i}: cannot locate the assistant "
+                "tokens; add {% generation %} markers to the template"
+            )
+        end = len(upto)
+        eos_at = (upto[start:] == eos).nonzero()
+        if len(eos_at):
+            end = start + int(eos_at[0]) + 1
+        mask[start:end] = True
+    return mask
+
+
+def encode_prompt(
+    processor: ProcessorMixin, images: Sequence[Image.Image], prompts: Sequence[str]
+) -> dict[str, Tensor]:
+    """(image, prompt) pairs -> left-padded generation inputs ending in the assistant header."""
+    chats = [to_chat(image, [{"role": "user", "content": p}])
+             for image, p in zip(images, prompts, strict=True)]
+    enc = processor.apply_chat_template(
+        chats, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt",
+        processor_kwargs={"padding": True, "padding_side": "left"},
+    )
+    return dict(enc)
+
+
+def rows_from_batch(batch: Sequence[Mapping[str, Any]] | Mapping[str, Sequence]) -> list[dict]:
+    """A list of rows, or a dict of columns (Ray Data `iter_batches`), -> a list of row dicts."""
+    if isinstance(batch, Mapping):
+        n = len(next(iter(batch.values()), []))
+        return [{k: col[i] for k, col in batch.items()} for i in range(n)]
+    return [dict(r) for r in batch]
+
+
+class Collator:
+    """Conversation rows -> a right-padded training batch of torch tensors.
+
+    Returns input_ids, attention_mask, labels (B, T) and every vision tensor the processor makes
+    (pixel_values, and pixel_attention_mask for Idefics3), zero-padded to a common shape.
+    """
+
+    def __init__(self, processor: ProcessorMixin, max_length: int):
+        tokenizer = processor.tokenizer
+        pad = tokenizer.pad_token_id
+        pad = tokenizer.eos_token_id if pad is None else pad
+        if pad is None:
+            raise ValueError("the tokenizer has neither pad_token nor eos_token to pad with")
+        self.processor = processor
+        self.max_length = max_length
+        self.pad_values = {"input_ids": pad, "attention_mask": 0, "labels": IGNORE_INDEX}
+
+    def __call__(
+        self, batch: Sequence[Mapping[str, Any]] | Mapping[str, Sequence]
+    ) -> dict[str, Tensor]:
+        examples = []
+        for i, row in enumerate(rows_from_batch(batch)):
+            try:
+                if row.get("image") is None:
+                    raise ValueError("image is missing; expected encoded image bytes")
+                messages = row.get("messages")
+                examples.append(encode_conversation(
+                    self.processor, decode_image(row["image"]),
+                    [] if messages is None else list(messages), self.max_length,
+                ))
+            except (ValueError, OSError) as e:  # OSError: PIL cannot decode the bytes
+                raise ValueError(f"row {row.get('id', i)!r}: {e}") from e
+        if not examples:
+            raise ValueError("empty batch: expected at least one conversation row")
+        return {k: _pad_stack([ex[k] for ex in examples], self.pad_values.get(k, 0))
+                for k in examples[0]}
+
+
+def _pad_stack(tensors: list[Tensor], value: int) -> Tensor:
+    """Pad each tensor at the end of every dim to the largest shape, then stack: (B, ...)."""
+    shape = [max(t.shape[d] for t in tensors) for d in range(tensors[0].dim())]
+    out = tensors[0].new_full((len(tensors), *shape), value)
+    for i, t in enumerate(tensors):
+        out[(i, *(slice(0, s) for s in t.shape))] = t
+    return out

@@ -1,0 +1,186 @@
+"""Conversation rows -> model batches: assistant-only labels, truncation, padding, Ray batches."""
+
+from __future__ import annotations
+
+import io
+import os
+
+import pytest
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+
+import torch  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from nsft_ray.collate import (  # noqa: E402
+    IGNORE_INDEX,
+    Collator,
+    _assistant_mask_by_prefixes,
+    encode_conversation,
+    encode_prompt,
+    to_chat,
+)
+from nsft_ray.models import build_tiny_vlm, load_vlm  # noqa: E402
+from nsft_ray.schema import conversation_table  # noqa: E402
+
+CORPUS = [
+    "Is there a red circle in the picture?", "Yes, there is a red circle.",
+    "How many squares are there?", "There are two squares.", "There is one circle.",
+    "Where is the blue star? The blue star is at the top left.",
+    "What is the background of the picture? The background is striped.",
+] * 20
+EOT = "<end_of_utterance>"
+TWO_TURNS = [
+    {"role": "user", "content": "Is there a red circle in the picture?"},
+    {"role": "assistant", "content": "Yes, there is a red circle."},
+    {"role": "user", "content": "How many squares are there?"},
+    {"role": "assistant", "content": "There are two squares."},
+]
+
+
+def png(color: str = "red", size: tuple[int, int] = (64, 64)) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", size, color).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def image(color: str = "red") -> Image.Image:
+    return Image.new("RGB", (64, 64), color)
+
+
+@pytest.fixture(scope="module", params=["idefics3", "llava"])
+def processor(request, tmp_path_factory):
+    path = build_tiny_vlm(tmp_path_factory.mktemp(request.param) / "m", CORPUS, arch=request.param)
+    return load_vlm(path)[1]
+
+
+def labelled_spans(processor, labels: torch.Tensor) -> list[str]:
+    """Decode each contiguous run of labelled tokens."""
+    spans, run = [], []
+    for t in labels.tolist() + [IGNORE_INDEX]:
+        if t != IGNORE_INDEX:
+            run.append(t)
+        elif run:
+            spans.append(processor.tokenizer.decode(run))
+            run = []
+    return spans
+
+
+def test_two_turn_labels_are_exactly_the_answers_plus_end_of_turn(processor):
+    ex = encode_conversation(processor, image(), TWO_TURNS, max_length=256)
+    labels, ids = ex["labels"], ex["input_ids"]
+    assert labelled_spans(processor, labels) == [
+        f"Yes, there is a red circle.{EOT}", f"There are two squares.{EOT}"]
+    kept = labels != IGNORE_INDEX
+    assert torch.equal(labels[kept], ids[kept])
+    # Image tokens are present (expanded by the processor) and never labelled.
+    is_image = ids == processor.image_token_id
+    expected_image_tokens = {"Idefics3Processor": 4, "LlavaProcessor": 16}
+    assert int(is_image.sum()) == expected_image_tokens[type(processor).__name__]
+    assert not kept[is_image].any()
+    # What is not labelled decodes to the user turns and template text.
+    text = processor.tokenizer.decode(ids[~kept & ~is_image])
+    assert "Is there a red circle in the picture?" in text and "Yes, there" not in text
+    assert ex["attention_mask"].tolist() == [1] * len(ids)
+
+
+def test_generation_markers_and_prefix_rendering_agree(processor):
+    """The fallback for templates without {% generation %} gives the same mask as the markers."""
+    ex = encode_conversation(processor, image(), TWO_TURNS, max_length=256)
+    by_prefixes = _assistant_mask_by_prefixes(processor, to_chat(image(), TWO_TURNS),
+                                              ex["input_ids"])
+    assert torch.equal(by_prefixes, ex["labels"] != IGNORE_INDEX)
+
+
+def test_truncation_keeps_the_head_and_refuses_useless_cuts(processor):
+    full = encode_conversation(processor, image(), TWO_TURNS, max_length=256)
+    n = len(full["input_ids"])
+    second_answer_end = int((full["labels"] != IGNORE_INDEX).nonzero().max())
+    cut = encode_conversation(processor, image(), TWO_TURNS, max_length=second_answer_end - 2)
+    for key in ("input_ids", "labels", "attention_mask"):
+        assert len(cut[key]) == second_answer_end - 2
+    assert torch.equal(cut["labels"], full["labels"][: second_answer_end - 2])
+    assert labelled_spans(processor, cut["labels"])[0] == f"Yes, there is a red circle.{EOT}"
+    first_label = int((full["labels"] != IGNORE_INDEX).nonzero().min())
+    with pytest.raises(ValueError, match="no assistant token is left"):
+        encode_conversation(processor, image(), TWO_TURNS, max_length=first_label)
+    image_pos = int((full["input_ids"] == processor.image_token_id).nonzero().min())
+    with pytest.raises(ValueError, match=f"{n} tokens and its image ends.*cut the image"):
+        encode_conversation(processor, image(), TWO_TURNS, max_length=image_pos + 1)
+
+
+def test_bad_messages_name_the_problem():
+    with pytest.raises(ValueError, match=r"messages\[0\].role='assistant'"):
+        to_chat(image(), [{"role": "assistant", "content": "Hi"}])
+    with pytest.raises(ValueError, match=r"messages\[2\].role='assistant'"):
+        to_chat(image(), TWO_TURNS[:2] + TWO_TURNS[1:2])
+    with pytest.raises(ValueError, match="messages is empty"):
+        to_chat(image(), [])
+
+
+def rows():
+    return [
+        {"id": "a", "parent_id": None, "image": png("red"), "messages": TWO_TURNS,
+         "origin": "sft", "error_kinds": [], "meta": {}},
+        {"id": "b", "parent_id": "p", "image": png("blue", (80, 48)), "messages": TWO_TURNS[:2],
+         "origin": "negative", "error_kinds": ["existence"], "meta": {}},
+    ]
+
+
+def test_collator_right_pads_and_stacks_vision_tensors(processor):
+    batch = Collator(processor, max_length=256)(rows())
+    lengths = [len(encode_conversation(processor, image(), m, 256)["input_ids"])
+               for m in (TWO_TURNS, TWO_TURNS[:2])]
+    B, T = 2, max(lengths)
+    for key in ("input_ids", "attention_mask", "labels"):
+        assert batch[key].shape == (B, T) and batch[key].dtype == torch.long
+    short = lengths[1]
+    assert batch["attention_mask"][1].tolist() == [1] * short + [0] * (T - short)
+    assert (batch["labels"][1, short:] == IGNORE_INDEX).all()
+    assert (batch["input_ids"][1, short:] == processor.tokenizer.pad_token_id).all()
+    if type(processor).__name__ == "Idefics3Processor":
+        assert batch["pixel_values"].shape == (B, 1, 3, 64, 64)
+        assert batch["pixel_attention_mask"].shape == (B, 1, 64, 64)
+    else:
+        assert batch["pixel_values"].shape == (B, 3, 64, 64)
+    vision_keys = processor.image_processor.model_input_names
+    assert set(batch) == {"input_ids", "attention_mask", "labels", *vision_keys}
+
+
+def test_collator_accepts_ray_style_column_batches(processor):
+    """Ray Data's iter_batches gives a dict of numpy columns (messages: arrays of dicts)."""
+    table = conversation_table(rows())
+    columns = {name: table.column(name).to_numpy(zero_copy_only=False)
+               for name in table.column_names}
+    collate = Collator(processor, max_length=256)
+    from_columns, from_rows = collate(columns), collate(table.to_pylist())
+    assert set(from_columns) == set(from_rows)
+    assert all(torch.equal(from_columns[k], from_rows[k]) for k in from_rows)
+
+
+def test_collator_names_the_bad_row(processor):
+    bad = rows()
+    bad[1]["messages"] = [{"role": "assistant", "content": "No."}]
+    with pytest.raises(ValueError, match=r"row 'b': messages\[0\]"):
+        Collator(processor, max_length=256)(bad)
+    bad = rows()
+    bad[0]["image"] = b"not an image"
+    with pytest.raises(ValueError, match="row 'a': cannot identify image"):
+        Collator(processor, max_length=256)(bad)
+    bad[0]["image"] = None
+    with pytest.raises(ValueError, match="row 'a': image is missing"):
+        Collator(processor, max_length=256)(bad)
+    bad = rows()
+    bad[1]["messages"] = None
+    with pytest.raises(ValueError, match="row 'b': messages is empty"):
+        Collator(processor, max_length=256)(bad)
+
+
+def test_encode_prompt_is_left_padded_and_ends_in_assistant_header(processor):
+    enc = encode_prompt(processor, [image(), image("blue")],
+                        ["Is there a red circle in the picture?", "Why?"])
+    pad = processor.tokenizer.pad_token_id
+    ids, mask = enc["input_ids"], enc["attention_mask"]
+    assert ids[1, 0] == pad and mask[1, 0] == 0 and mask[:, -1].tolist() == [1, 1]
+    header = processor.tokenizer.encode("<|im_start|>assistant\n", add_special_tokens=False)
+    assert ids[:, -len(header):].tolist() == [header, header]
