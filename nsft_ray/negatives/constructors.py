@@ -1,0 +1,216 @@
+"""Negative constructors: one preference row -> corrective conversations about the same image.
+
+A constructor is a callable `(row: dict) -> list[Conversation]` (row: a preference row with id,
+image, prompt, chosen, rejected, source, meta; Conversation: a dict with CONVERSATION_SCHEMA's
+fields) with a `batch(rows)` method for the pipeline. It writes ONE multi-turn negative
+conversation per rejected answer (all corrections of that answer, user/assistant alternating;
+id f"{row_id}/neg0") and, with `include_chosen`, the chosen conversation (f"{row_id}/chosen").
+When it cannot, it raises :class:`ConstructionError`; the pipeline quarantines the row.
+
+- TemplateConstructor: short answers, the paper's "Is this {rejected}? No / Is this {chosen}? Yes".
+- TextDiffConstructor: compares the claims of chosen and rejected (textdiff.py) and writes the
+  codebook's corrective question/answer for each error.
+- AutoConstructor: template when both answers are short, text-diff otherwise.
+The LLM constructor lives in llm.py.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from nsft_ray.config import NegativesConfig
+from nsft_ray.negatives.claims import NUMBER_WORDS, Vocabulary, extract_claims
+from nsft_ray.negatives.codebook import Codebook
+from nsft_ray.negatives.textdiff import find_corrections
+from nsft_ray.schema import dumps_meta
+
+__all__ = [
+    "Conversation",
+    "ConstructionError",
+    "Turn",
+    "check_row",
+    "build_conversations",
+    "TemplateConstructor",
+    "TextDiffConstructor",
+    "AutoConstructor",
+    "each_row",
+    "short_answer_kind",
+]
+
+Conversation = dict[str, Any]
+
+
+class ConstructionError(Exception):
+    """A row yields no negative conversation; `reason` is a short snake_case code."""
+
+    def __init__(self, reason: str, detail: str = "") -> None:
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason = reason
+        self.detail = detail
+
+
+@dataclass(frozen=True)
+class Turn:
+    """One corrective exchange: a question about the image and its correct answer."""
+
+    question: str
+    answer: str
+    error_kind: str | None  # a codebook kind; None if it cannot be told
+
+
+def check_row(row: dict) -> None:
+    """Raise ConstructionError unless the row has an id and usable prompt/chosen/rejected text."""
+    for key in ("id", "prompt", "chosen", "rejected"):
+        if not isinstance(row.get(key), str):
+            detail = f"field {key!r} must be a string, got {row.get(key)!r}"
+            raise ConstructionError("bad_row", detail)
+    for key in ("id", "chosen", "rejected"):
+        if not row[key].strip():
+            raise ConstructionError(f"empty_{key}", f"field {key!r} is empty")
+    if " ".join(row["chosen"].lower().split()) == " ".join(row["rejected"].lower().split()):
+        raise ConstructionError("identical_answers", "chosen and rejected say the same thing")
+
+
+def build_conversations(
+    row: dict, turns: list[Turn], constructor: str, include_chosen: bool
+) -> list[Conversation]:
+    """The negative conversation made of `turns` (and the chosen one) for preference `row`."""
+    messages = []
+    for t in turns:
+        messages.append({"role": "user", "content": t.question})
+        messages.append({"role": "assistant", "content": t.answer})
+    kinds = [t.error_kind for t in turns]
+    negative = {
+        "id": f"{row['id']}/neg0",
+        "parent_id": row["id"],
+        "image": row.get("image"),
+        "messages": messages,
+        "origin": "negative",
+        "error_kinds": list(dict.fromkeys(k for k in kinds if k)),
+        "meta": dumps_meta({"constructor": constructor, "turn_kinds": kinds}),
+    }
+    if not include_chosen:
+        return [negative]
+    chosen = {
+        "id": f"{row['id']}/chosen",
+        "parent_id": row["id"],
+        "image": row.get("image"),
+        "messages": [
+            {"role": "user", "content": row["prompt"]},
+            {"role": "assistant", "content": row["chosen"]},
+        ],
+        "origin": "chosen",
+        "error_kinds": [],
+        "meta": dumps_meta({"constructor": constructor}),
+    }
+    return [chosen, negative]
+
+
+def each_row(constructor: Any, rows: list[dict]) -> list[list[Conversation] | ConstructionError]:
+    """Run a per-row constructor over `rows`, keeping each row's ConstructionError as its result."""
+    results: list[list[Conversation] | ConstructionError] = []
+    for row in rows:
+        try:
+            results.append(constructor(row))
+        except ConstructionError as e:
+            results.append(e)
+    return results
+
+
+# Which codebook kind a wrong one-word answer belongs to, by the vocabulary category of the word.
+_SHORT_ANSWER_KINDS = {
+    "colors": "attribute", "sizes": "attribute", "positions": "spatial",
+    "scenes": "scene", "objects": "existence",
+}
+
+
+def short_answer_kind(answer: str, vocab: Vocabulary) -> str | None:
+    word = " ".join(answer.lower().strip(" .!?\"'").split())
+    if word in ("yes", "no"):
+        return "existence"
+    if word in NUMBER_WORDS or word.isdigit():
+        return "count"
+    for category, kind in _SHORT_ANSWER_KINDS.items():
+        if word in getattr(vocab, category):
+            return kind
+    return None
+
+
+class TemplateConstructor:
+    """Short answers: '{prompt} Is "{rejected}" the correct answer?' -> No; then the same for
+    chosen -> Yes (the codebook's short_answer templates)."""
+
+    name = "template"
+
+    def __init__(self, cfg: NegativesConfig, codebook: Codebook) -> None:
+        self.codebook = codebook
+        self.vocab = Vocabulary.from_config(cfg)
+        self.include_chosen = cfg.include_chosen
+
+    def turns(self, row: dict) -> list[Turn]:
+        # A final full stop would land inside the quotes of 'Is "red." the correct answer?'.
+        fields = {k: row[k].strip().rstrip(".").strip() for k in ("chosen", "rejected")}
+        fields["prompt"] = row["prompt"].strip()
+        kind = short_answer_kind(fields["rejected"], self.vocab)
+        return [
+            Turn(*self.codebook.short_answer["rejected"].render(fields), kind),
+            Turn(*self.codebook.short_answer["chosen"].render(fields), kind),
+        ]
+
+    def __call__(self, row: dict) -> list[Conversation]:
+        check_row(row)
+        return build_conversations(row, self.turns(row), self.name, self.include_chosen)
+
+    def batch(self, rows: list[dict]) -> list[list[Conversation] | ConstructionError]:
+        return each_row(self, rows)
+
+
+class TextDiffConstructor:
+    """Long answers: one codebook question/answer per error the chosen text can correct."""
+
+    name = "text-diff"
+
+    def __init__(self, cfg: NegativesConfig, codebook: Codebook) -> None:
+        self.codebook = codebook
+        self.vocab = Vocabulary.from_config(cfg)
+        self.include_chosen = cfg.include_chosen
+
+    def turns(self, row: dict) -> list[Turn]:
+        chosen = extract_claims(row["chosen"], self.vocab)
+        rejected = extract_claims(row["rejected"], self.vocab)
+        corrections = find_corrections(chosen, rejected, self.codebook.where)
+        if not corrections:
+            raise ConstructionError(
+                "no_error_found",
+                f"the chosen answer contradicts no claim of the rejected {row['rejected']!r}",
+            )
+        return [
+            Turn(*self.codebook.render(c.kind, c.template, c.fields), c.kind) for c in corrections
+        ]
+
+    def __call__(self, row: dict) -> list[Conversation]:
+        check_row(row)
+        return build_conversations(row, self.turns(row), self.name, self.include_chosen)
+
+    def batch(self, rows: list[dict]) -> list[list[Conversation] | ConstructionError]:
+        return each_row(self, rows)
+
+
+class AutoConstructor:
+    """Template when both answers have at most `short_answer_words` words, else text-diff."""
+
+    name = "auto"
+
+    def __init__(self, cfg: NegativesConfig, codebook: Codebook) -> None:
+        self.short_answer_words = cfg.short_answer_words
+        self.template = TemplateConstructor(cfg, codebook)
+        self.text_diff = TextDiffConstructor(cfg, codebook)
+
+    def __call__(self, row: dict) -> list[Conversation]:
+        check_row(row)
+        short = all(len(row[k].split()) <= self.short_answer_words for k in ("chosen", "rejected"))
+        return (self.template if short else self.text_diff)(row)
+
+    def batch(self, rows: list[dict]) -> list[list[Conversation] | ConstructionError]:
+        return each_row(self, rows)
