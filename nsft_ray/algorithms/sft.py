@@ -1,0 +1,40 @@
+"""sft: next-token cross-entropy on assistant turns.
+
+    L_sft = - (1 / N) * sum over assistant tokens y_t of log p_theta(y_t | image, y_<t)
+
+N counts the assistant tokens of the whole optimizer step (every assistant turn of a multi-turn
+conversation is trained; user turns, template and image tokens are masked by the collator).
+Models resident: one (the policy). Used for the base stage on ShapesWorld SFT data and as the
+paper's *continual SFT* baseline on the chosen answers of the preference data.
+"""
+
+from __future__ import annotations
+
+from torch import Tensor, nn
+
+from nsft_ray.logprobs import num_target_tokens, token_logprobs
+from nsft_ray.loop import Batch, Objective
+
+__all__ = ["MODELS_RESIDENT", "model_inputs", "sft_objective"]
+
+MODELS_RESIDENT = 1
+# Batch keys that describe the rows rather than feed the model.
+NON_MODEL_KEYS = frozenset({"labels", "is_negative", "origin"})
+
+
+def model_inputs(batch: Batch) -> dict[str, Tensor]:
+    """The tensors the VLM's forward takes (input_ids, attention_mask, pixel_values, ...)."""
+    return {k: v for k, v in batch.items() if k not in NON_MODEL_KEYS and isinstance(v, Tensor)}
+
+
+def _token_nll_sum(model: nn.Module, batch: Batch) -> dict[str, Tensor]:
+    logits = model(**model_inputs(batch)).logits
+    return {"sft": -token_logprobs(logits, batch["labels"]).sum()}
+
+
+def sft_objective() -> Objective:
+    return Objective(
+        weights={"sft": 1.0},
+        count=lambda b: {"sft": float(num_target_tokens(b["labels"]))},
+        forward=lambda model, b: (_token_nll_sum(model, b), {}),
+    )

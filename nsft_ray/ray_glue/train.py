@@ -1,0 +1,281 @@
+"""Launch a trainer on Ray Train: data streamed by Ray Data into DeepSpeed (or DDP) workers.
+
+The worker function is the plain loop of ``nsft_ray.loop`` plus three marked Ray touch points:
+(1) the dataset shard, (2) ``ray.train.report`` of metrics, (3) checkpoints. Re-running with the
+same ``run.dir`` resumes from the latest checkpoint (Ray Train restores its checkpoint manager
+from the storage folder); a worker that dies is restarted by Ray Train up to
+``train.max_failures`` times and continues from the last checkpoint.
+
+Run folder::
+
+    RUN/config.yaml  metrics.jsonl  metrics.csv  tb/  ray/  model/  summary.json
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import ray
+import ray.train
+import torch
+from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchConfig, TorchTrainer
+
+from nsft_ray.algorithms import ALGORITHMS
+from nsft_ray.config import Config, from_dict, save_config, to_dict
+from nsft_ray.loop import Hooks, TorchEngine, TrainState, fit, make_optimizer, make_scheduler
+
+__all__ = ["train", "train_loop_per_worker", "build_train_dataset", "MetricsWriter"]
+
+
+# ------------------------------------------------------------------------------------ driver side
+
+
+def ensure_ray(address: str = "", num_cpus: int | None = None) -> None:
+    """Connect to `address` (or RAY_ADDRESS); otherwise start an embedded local Ray."""
+    if ray.is_initialized():
+        return
+    address = address or os.environ.get("RAY_ADDRESS", "")
+    env = {"env_vars": {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}}
+    if address:
+        ray.init(address=address, runtime_env=env)
+    else:
+        ray.init(num_cpus=num_cpus, include_dashboard=False, runtime_env=env)
+
+
+def build_train_dataset(cfg: Config, algo: str) -> ray.data.Dataset:
+    """The training rows as a lazy Ray Dataset (never pulled into the driver)."""
+    if not cfg.train.data:
+        raise ValueError(f"train.data: give the Parquet file(s) to train {algo} on")
+    missing = [p for p in cfg.train.data if not Path(p).exists()]
+    if missing:
+        raise FileNotFoundError(f"train.data: {missing[0]} does not exist")
+    ds = ray.data.read_parquet(list(cfg.train.data))
+    origins = cfg.train.origins or ALGORITHMS[algo].origins(cfg)
+    if origins:  # conversation data; preference-row algorithms (origins None) take every row
+        keep = set(origins)
+        ds = ds.filter(lambda row: row["origin"] in keep)
+    if cfg.train.materialize:
+        ds = ds.materialize()  # small data only: a lazy pipeline re-reads the files every epoch
+    return ds
+
+
+def train(cfg: Config, algo: str) -> dict:
+    """Train `algo` on Ray Train; return the run summary (also written to RUN/summary.json)."""
+    if algo not in ALGORITHMS:
+        raise ValueError(f"unknown algorithm {algo!r}; choose one of {', '.join(ALGORITHMS)}")
+    if not cfg.model.name_or_path:
+        raise ValueError("model.name_or_path: the checkpoint folder to start from is required")
+    run_dir = Path(cfg.run.dir).resolve()
+    save_config(cfg, run_dir)
+    ensure_ray(cfg.resources.address)
+    ds = build_train_dataset(cfg, algo)
+    if algo == "dpo" and cfg.dpo.precompute_ref:  # reference log-probs first: 1 model in training
+        from nsft_ray.ray_glue.dpo import with_reference_logps
+
+        ds = with_reference_logps(ds, cfg, run_dir)
+    rows = ds.count()
+    if rows == 0:
+        raise ValueError(f"train.data: no rows to train {algo} on (after the origin filter)")
+    per_step = cfg.train.micro_batch_size * cfg.train.grad_accum * cfg.resources.num_workers
+    total_steps = cfg.train.max_steps or max(1, math.floor(cfg.train.epochs * rows / per_step))
+
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"cfg": to_dict(cfg), "algo": algo, "total_steps": total_steps,
+                           "run_dir": str(run_dir)},
+        scaling_config=ScalingConfig(
+            num_workers=cfg.resources.num_workers, use_gpu=cfg.resources.use_gpu,
+            resources_per_worker={"CPU": cfg.resources.cpus_per_worker},
+        ),
+        torch_config=TorchConfig(backend="nccl" if cfg.resources.use_gpu else "gloo"),
+        run_config=RunConfig(
+            name=algo,
+            storage_path=str(run_dir / "ray"),
+            checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.num_to_keep),
+            failure_config=FailureConfig(max_failures=cfg.train.max_failures),
+        ),
+        datasets={"train": ds},
+    )
+    start = time.perf_counter()
+    result = trainer.fit()
+    seconds = time.perf_counter() - start
+    metrics = read_metrics(run_dir)
+    train_metrics = [m for m in metrics if f"{algo}/samples_per_s" in m]
+    summary = {
+        "algo": algo,
+        "rows": rows,
+        "steps": total_steps,
+        "train_seconds": round(seconds, 2),
+        "samples_per_s": _mean([m[f"{algo}/samples_per_s"] for m in train_metrics]),
+        "tokens_per_s": _mean([m.get(f"{algo}/tokens_per_s", 0.0) for m in train_metrics]),
+        "peak_memory_bytes": max((m["peak_memory_bytes"] for m in metrics), default=0),
+        "models_resident": ALGORITHMS[algo].models_resident(cfg),
+        "final_loss": train_metrics[-1][f"{algo}/loss"] if train_metrics else None,
+        "checkpoint": result.checkpoint.path if result.checkpoint else None,
+        "model": str(run_dir / "model") if cfg.train.export else None,
+        "num_workers": cfg.resources.num_workers,
+        "deepspeed_stage": cfg.deepspeed.stage if cfg.deepspeed.enabled else None,
+    }
+    if algo == "reward" and cfg.reward.eval_data and cfg.train.export:  # held-out accuracy
+        from nsft_ray.algorithms.reward import evaluate_reward_model
+
+        use_gpu = cfg.resources.use_gpu
+        task = ray.remote(evaluate_reward_model).options(
+            num_cpus=cfg.resources.cpus_per_worker, num_gpus=1 if use_gpu else 0)
+        summary["reward_eval"] = ray.get(task.remote(
+            run_dir / "model", cfg.reward.eval_data, max_length=cfg.train.max_length,
+            batch_size=cfg.reward.eval_batch_size, device="cuda" if use_gpu else "cpu"))
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+def _mean(xs: list[float]) -> float:
+    return round(sum(xs) / len(xs), 3) if xs else 0.0
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+# ------------------------------------------------------------------------------------ worker side
+
+
+class MetricsWriter:
+    """Rank 0's metric sinks: JSONL, CSV and TensorBoard under the run folder."""
+
+    def __init__(self, run_dir: Path):
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.jsonl = (run_dir / "metrics.jsonl").open("a")
+        self.csv_path = run_dir / "metrics.csv"
+        self.tb = SummaryWriter(str(run_dir / "tb"))
+
+    def write(self, metrics: dict[str, Any]) -> None:
+        self.jsonl.write(json.dumps(metrics) + "\n")
+        self.jsonl.flush()
+        new = not self.csv_path.exists()
+        with self.csv_path.open("a", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(metrics), extrasaction="ignore")
+            if new:
+                writer.writeheader()
+            writer.writerow(metrics)
+        for k, v in metrics.items():
+            if isinstance(v, (int, float)) and k != "step":
+                self.tb.add_scalar(k, v, metrics["step"])
+        self.tb.flush()
+
+    def close(self) -> None:
+        self.jsonl.close()
+        self.tb.close()
+
+
+def _make_engine(model: torch.nn.Module, cfg: Config, total_steps: int, world_size: int,
+                 device: torch.device):
+    if cfg.deepspeed.enabled:
+        from nsft_ray.ray_glue.deepspeed import DeepSpeedEngine
+
+        return DeepSpeedEngine(
+            model, cfg.deepspeed, cfg.optim, micro_batch_size=cfg.train.micro_batch_size,
+            grad_accum=cfg.train.grad_accum, world_size=world_size, total_steps=total_steps,
+            on_gpu=device.type == "cuda",
+        )
+    # DDP via Ray Train; find_unused_parameters because some vision towers have unused layers.
+    wrapped = ray.train.torch.prepare_model(model, parallel_strategy_kwargs={
+        "find_unused_parameters": True})
+    optimizer = make_optimizer(wrapped, cfg.optim)
+    return TorchEngine(wrapped, optimizer, make_scheduler(optimizer, cfg.optim, total_steps),
+                       cfg.optim.max_grad_norm)
+
+
+def train_loop_per_worker(config: dict) -> None:
+    """Runs on every Ray Train worker."""
+    from tqdm import tqdm
+
+    cfg: Config = from_dict(Config, config["cfg"])
+    algo, total_steps = config["algo"], config["total_steps"]
+    run_dir = Path(config["run_dir"])
+    ctx = ray.train.get_context()
+    rank, world_size = ctx.get_world_rank(), ctx.get_world_size()
+    torch.manual_seed(cfg.run.seed + rank)
+    device = ray.train.torch.get_device()
+
+    spec = ALGORITHMS[algo]
+    model, processor = spec.load(cfg)
+    model.to(device)
+    objective = spec.objective(cfg, model, device)
+    engine = _make_engine(model, cfg, total_steps, world_size, device)
+
+    state = TrainState()
+    checkpoint = ray.train.get_checkpoint()  # (3) resume: the latest reported checkpoint, if any
+    if checkpoint:
+        with checkpoint.as_directory() as d:
+            state = TrainState(**engine.load(Path(d))["train_state"])
+
+    shard = ray.train.get_dataset_shard("train")  # (1) this worker's stream of rows
+    collate = spec.collate(processor, cfg)
+
+    def epochs(epoch: int):
+        return shard.iter_torch_batches(
+            batch_size=cfg.train.micro_batch_size, collate_fn=collate, drop_last=True,
+            local_shuffle_buffer_size=8 * cfg.train.micro_batch_size if cfg.train.shuffle else None,
+            local_shuffle_seed=cfg.run.seed * 1000 + epoch if cfg.train.shuffle else None,
+        )
+
+    writer = MetricsWriter(run_dir) if rank == 0 else None
+    bar = tqdm(total=total_steps, initial=state.step, desc=algo, disable=rank != 0,
+               mininterval=5.0)
+
+    def log(metrics: dict) -> None:
+        if writer:
+            writer.write(metrics)
+            bar.set_postfix(loss=f"{metrics.get(f'{algo}/loss', float('nan')):.4f}")
+        ray.train.report(metrics)  # (2)
+
+    def save(st: TrainState, metrics: dict) -> None:
+        with tempfile.TemporaryDirectory() as d:
+            engine.save(Path(d), {"train_state": st.to_dict()})
+            # DeepSpeed: every rank wrote its shards; plain torch: rank 0 holds everything.
+            keep = cfg.deepspeed.enabled or rank == 0
+            ray.train.report(metrics, checkpoint=Checkpoint.from_directory(d) if keep else None)
+
+    def crash_once(st: TrainState) -> None:
+        marker = run_dir / f".crashed_at_{cfg.train.crash_at_step}"
+        if rank == 0 and st.step == cfg.train.crash_at_step and not marker.exists():
+            marker.touch()
+            # Ray Train's controller collects reports when it polls the workers (every 2 s): wait
+            # so the previous checkpoint is registered, as it would be for a crash at a random time.
+            time.sleep(5)
+            os._exit(1)  # fault injection: the worker process dies like an OOM-killed one
+
+    hooks = Hooks(log=log, checkpoint=save, log_every=cfg.train.log_every,
+                  checkpoint_every=cfg.train.checkpoint_every, progress=bar.update,
+                  on_step=crash_once if cfg.train.crash_at_step else (lambda st: None))
+    fit(objective, engine, epochs, total_steps=total_steps, grad_accum=cfg.train.grad_accum,
+        hooks=hooks, state=state, device=device, prefix=algo)
+    bar.close()
+    if cfg.train.export:
+        export(spec, engine.module(), processor, run_dir / "model",
+               zero3=cfg.deepspeed.enabled and cfg.deepspeed.stage == 3, rank=rank)
+    if writer:
+        writer.close()
+
+
+def export(spec, module: torch.nn.Module, processor, out: Path, *, zero3: bool,
+           rank: int) -> None:
+    """Write a Hugging Face folder (model + processor) that `load_vlm` reloads."""
+    from nsft_ray.ray_glue.deepspeed import gathered_state_dict
+
+    state = gathered_state_dict(module, zero3=zero3)  # collective under ZeRO-3
+    if rank == 0:
+        spec.save(module, processor, out, state)
