@@ -1,0 +1,186 @@
+"""Ray Serve application: aligned VLMs behind OpenAI-compatible HTTP, plus a playground page.
+
+    nsft-ray serve --model base=runs/base/export --model nsft=runs/nsft/export --port 8000
+    nsft-ray serve --config serve/example.yaml
+
+Layout: one `ModelServer` deployment per served model and one `Gateway` deployment (the FastAPI
+ingress from serve/api.py). One deployment per model, rather than one holding a dict, because
+each model then has its own replicas, autoscaling (driven by its own queue), batching and
+resources, a model that crashes or lags does not stall the others, and a replica's memory is one
+model. The gateway parses, validates and decodes images once, so the model replicas only generate.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+from ray import serve
+from ray.serve import Application
+from ray.serve.handle import DeploymentHandle
+
+from nsft_ray.config import ConfigError
+from serve.api import create_app, resolve_token
+from serve.backends import GenRequest, GenResult, make_backend
+from serve.config import LimitsConfig, ReplicaConfig, ServeConfig, load_serve_config
+from serve.schemas import ApiError
+
+__all__ = ["ModelServer", "Gateway", "HandleEngine", "build_app", "main", "APP_NAME"]
+
+APP_NAME = "nsft-serve"
+
+
+@serve.deployment
+class ModelServer:
+    """One model; concurrent requests are merged into batches of up to max_batch_size."""
+
+    def __init__(self, backend: str, path: str, limits: LimitsConfig, max_batch_size: int,
+                 batch_wait_timeout_s: float) -> None:
+        self.backend = make_backend(backend, path, limits)
+        self.generate.set_max_batch_size(max_batch_size)
+        self.generate.set_batch_wait_timeout_s(batch_wait_timeout_s)
+
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
+    async def generate(self, requests: list[GenRequest]) -> list[GenResult | ApiError]:
+        # A worker thread keeps the replica's event loop free to queue the next batch.
+        return await asyncio.to_thread(self.backend.generate, requests)
+
+
+class HandleEngine:
+    """The Engine interface of serve/api.py over a ModelServer deployment handle."""
+
+    def __init__(self, handle: DeploymentHandle) -> None:
+        self.handle = handle
+
+    async def generate(self, request: GenRequest) -> GenResult | ApiError:
+        return await self.handle.generate.remote(request)
+
+
+@serve.deployment
+@serve.ingress()
+class Gateway:
+    """The FastAPI ingress; the app is built on the replica from handles to the model servers."""
+
+    def __init__(self, models: dict[str, DeploymentHandle], limits: LimitsConfig,
+                 auth_token_env: str) -> None:
+        engines = {name: HandleEngine(handle) for name, handle in models.items()}
+        self._fastapi = create_app(engines, limits, resolve_token(auth_token_env))
+
+    def __serve_build_asgi_app__(self):
+        return self._fastapi
+
+
+def _model_options(r: ReplicaConfig) -> dict:
+    options: dict = {
+        "ray_actor_options": {"num_cpus": r.num_cpus, "num_gpus": r.num_gpus},
+        "max_ongoing_requests": r.max_ongoing_requests,
+    }
+    if r.autoscaling is not None:
+        options["autoscaling_config"] = dataclasses.asdict(r.autoscaling)
+    else:
+        options["num_replicas"] = r.num_replicas
+    return options
+
+
+def build_app(spec: ServeConfig) -> Application:
+    """The Serve application for `spec`: Gateway -> one ModelServer per model."""
+    models = {}
+    for name, path in spec.models.items():
+        # Replicas do not share the driver's working directory: pass absolute folders.
+        folder = str(Path(path).resolve()) if Path(path).exists() else path
+        models[name] = ModelServer.options(
+            name=f"model-{name}", **_model_options(spec.replicas)
+        ).bind(spec.backend, folder, spec.limits, spec.replicas.max_batch_size,
+               spec.replicas.batch_wait_timeout_s)
+    # The gateway only parses and routes: no CPU reservation, so it never waits for a core.
+    actor_options: dict = {"num_cpus": 0}
+    token = resolve_token(spec.auth_token_env)  # fail here, not in a replica, when it is unset
+    if token is not None:
+        # The replica may run on another node: carry the variable, not the driver's environment.
+        actor_options["runtime_env"] = {"env_vars": {spec.auth_token_env: token}}
+    gateway = Gateway.options(num_replicas=spec.gateway_replicas, ray_actor_options=actor_options)
+    return gateway.bind(models, spec.limits, spec.auth_token_env)
+
+
+def _parse_models(items: list[str]) -> dict[str, str]:
+    models: dict[str, str] = {}
+    for item in items:
+        name, eq, path = item.partition("=")
+        if not eq or not name or not path:
+            raise ConfigError(f"--model {item!r}: expected NAME=DIR, e.g. nsft=runs/nsft/export")
+        if name in models:
+            raise ConfigError(f"--model {item!r}: the name {name!r} is given twice")
+        models[name] = path
+    return models
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="nsft-ray serve", description=__doc__.split("\n\n")[0])
+    p.add_argument("--config", help="serve YAML (see serve/example.yaml)")
+    p.add_argument("--model", action="append", default=[], metavar="NAME=DIR",
+                   help="a model folder served under NAME (repeatable; replaces the file's models)")
+    p.add_argument("--host", default=None, help="bind address (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=None, help="HTTP port (default 8000)")
+    p.add_argument("--backend", choices=["hf", "vllm"], default=None)
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")
+    return p
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Start Serve with the given models and block until Ctrl-C. Returns the exit code."""
+    args = build_parser().parse_args(argv)
+    try:
+        cfg = load_serve_config(args.config, args.overrides, models=_parse_models(args.model),
+                                backend=args.backend, host=args.host, port=args.port)
+        remote = bool(os.environ.get("RAY_ADDRESS"))
+        missing = [f"models.{n}: {p} does not exist" for n, p in cfg.models.items()
+                   if not Path(p).exists()]
+        if missing and not remote:  # on a cluster the folders may live on the nodes only
+            raise ConfigError("; ".join(missing))
+        app = build_app(cfg)
+    except (ConfigError, RuntimeError, OSError) as e:
+        print(f"nsft-ray serve: {e}", file=sys.stderr)
+        return 2
+    import ray
+
+    if remote:
+        ray.init()
+    else:
+        # Logical CPUs: enough for every replica even on a 2-core laptop (they share the cores).
+        need = len(cfg.models) * cfg.replicas.num_cpus * (
+            cfg.replicas.autoscaling.max_replicas if cfg.replicas.autoscaling
+            else cfg.replicas.num_replicas)
+        ray.init(address="local", num_cpus=max(os.cpu_count() or 1, int(need + 0.999)))
+    # SIGTERM (docker stop, systemd) shuts down as cleanly as Ctrl-C.
+    signal.signal(signal.SIGTERM, _interrupt)
+    serve.start(http_options={"host": cfg.host, "port": cfg.port})
+    url = f"http://{cfg.host}:{cfg.port}"
+    try:
+        serve.run(app, name=APP_NAME, route_prefix="/")
+        print(f"serving {', '.join(cfg.models)} ({cfg.backend}): playground {url}/ , "
+              f"OpenAI base_url {url}/v1 ; Ctrl-C stops", flush=True)
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        print("stopping", flush=True)
+    except RuntimeError as e:  # a replica failed to start (its traceback is in the log above)
+        print(f"nsft-ray serve: the application did not start: {e}", file=sys.stderr)
+        return 1
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,170 @@
+"""The serving app end to end on a local Ray: Ray Serve deployments behind real HTTP, the official
+`openai` client with an image, concurrent requests batched in a replica, the load test and the
+serving benchmark, and the vLLM backend through the same route."""
+
+from __future__ import annotations
+
+import base64
+import os
+import random
+import socket
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # serve/ and benchmarks/ from a source checkout
+    sys.path.insert(0, str(ROOT))
+
+from nsft_ray.config import WorldConfig  # noqa: E402
+from nsft_ray.models import build_tiny_vlm, generate, load_vlm  # noqa: E402
+from nsft_ray.world import corpus, render, render_png, sample_scene  # noqa: E402
+
+pytestmark = pytest.mark.ray
+QUESTION = "Describe the picture."
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _image(seed: int = 0) -> tuple[str, object]:
+    scene = sample_scene(random.Random(seed), WorldConfig())
+    uri = "data:image/png;base64," + base64.b64encode(render_png(scene)).decode()
+    return uri, render(scene)
+
+
+def _messages(uri: str, text: str = QUESTION) -> list[dict]:
+    return [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": uri}},
+                                         {"type": "text", "text": text}]}]
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> str:
+    path = tmp_path_factory.mktemp("serve_ray") / "tiny"
+    return str(build_tiny_vlm(path, corpus(WorldConfig(), n=300, seed=0)))
+
+
+@pytest.fixture(scope="module")
+def server(model_dir):
+    """Ray Serve on a fresh local Ray serving the tiny model as 'base'."""
+    import ray
+    from ray import serve
+
+    from serve.app import APP_NAME, build_app
+    from serve.config import load_serve_config
+
+    # Replicas import `serve` from this checkout (before the package is installed).
+    os.environ["PYTHONPATH"] = os.pathsep.join(
+        p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
+    ray.init(address="local", num_cpus=4, include_dashboard=False)
+    port = _free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    cfg = load_serve_config(models={"base": model_dir}, port=port,
+                            overrides=["replicas.max_batch_size=4", "replicas.num_cpus=1"])
+    serve.run(build_app(cfg), name=APP_NAME, route_prefix="/")
+    yield f"http://127.0.0.1:{port}"
+    serve.shutdown()
+    ray.shutdown()
+
+
+def test_openai_client_through_ray_serve(server, model_dir):
+    import openai
+
+    client = openai.OpenAI(base_url=server + "/v1", api_key="unused", max_retries=0)
+    assert [m.id for m in client.models.list().data] == ["base"]
+    uri, image = _image()
+    reply = client.chat.completions.create(model="base", messages=_messages(uri),
+                                           max_tokens=12, temperature=0.0)
+    model, processor = load_vlm(model_dir)
+    expected = generate(model, processor, [image], [QUESTION], max_new_tokens=12)[0][0]
+    assert reply.choices[0].message.content.strip() == expected
+    assert reply.usage.completion_tokens <= 12
+    stream = client.chat.completions.create(model="base", messages=_messages(uri),
+                                            max_tokens=12, temperature=0.0, stream=True)
+    pieces = [c.choices[0].delta.content or "" for c in stream if c.choices]
+    assert "".join(pieces) == reply.choices[0].message.content
+    with pytest.raises(openai.NotFoundError) as e:
+        client.chat.completions.create(model="nope", messages=_messages(uri), max_tokens=2)
+    assert e.value.body["code"] == "model_not_found"
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model="base", max_tokens=2,
+                                       messages=_messages("data:image/png;base64,@@"))
+    assert e.value.body["code"] == "invalid_base64"
+
+
+def test_concurrent_requests_are_batched_without_changing_answers(server):
+    import httpx
+
+    images = [_image(seed)[0] for seed in range(8)]
+
+    def ask(uri: str) -> str:
+        r = httpx.post(server + "/v1/chat/completions", timeout=120, json={
+            "model": "base", "messages": _messages(uri), "max_tokens": 8, "temperature": 0.0})
+        assert r.status_code == 200, r.text
+        return r.json()["choices"][0]["message"]["content"]
+
+    alone = [ask(uri) for uri in images]
+    with ThreadPoolExecutor(8) as pool:
+        together = list(pool.map(ask, images))
+    assert together == alone
+
+
+def test_load_test_tiny_has_no_5xx(server, tmp_path):
+    from benchmarks.load_test import main, run_load
+
+    result = run_load(server, "base", clients=5, duration=5.0, max_tokens=8, bad_fraction=0.3)
+    s = result["status"]
+    assert result["requests"] > 5 and s["2xx"] > 0 and result["bad_requests"] > 0
+    assert s["5xx"] == 0 and s["transport"] == 0 and s["wrong_class"] == 0
+    assert s["4xx"] == result["bad_requests"] and s["2xx"] + s["4xx"] == result["requests"]
+    assert result["latency_ms"]["p50"] <= result["latency_ms"]["p99"]
+    out = tmp_path / "load.json"
+    assert main(["--url", server, "--clients", "2", "--duration", "1", "--out", str(out)]) == 0
+    assert out.is_file()
+
+
+def test_bench_serve_reports_both_modes(server, model_dir, tmp_path):
+    from benchmarks.bench_serve import run_bench
+
+    report = run_bench(model_dir, batch=2, requests=4, max_tokens=4, url=server, model="base")
+    modes = [r["mode"] for r in report["results"]]
+    assert modes == ["in-process", "http (Ray Serve)"]
+    assert all(r["requests"] == 4 and r["requests_per_s"] > 0 for r in report["results"])
+
+
+@pytest.mark.vllm
+@pytest.mark.slow
+def test_vllm_backend_through_the_same_route(server, model_dir):
+    """A second Serve app with the vLLM backend: greedy answers equal the HF backend's."""
+    pytest.importorskip("vllm")
+    import openai
+    from ray import serve
+
+    from serve.app import build_app
+    from serve.config import load_serve_config
+
+    cfg = load_serve_config(models={"base": model_dir}, backend="vllm",
+                            overrides=["replicas.num_cpus=1"])
+    serve.run(build_app(cfg), name="vllm", route_prefix="/vllm")
+    try:
+        hf = openai.OpenAI(base_url=server + "/v1", api_key="unused", max_retries=0)
+        vl = openai.OpenAI(base_url=server + "/vllm/v1", api_key="unused", max_retries=0)
+        for seed in (0, 1):
+            uri, _ = _image(seed)
+            answers = [c.chat.completions.create(model="base", messages=_messages(uri),
+                                                 max_tokens=12, temperature=0.0)
+                       for c in (hf, vl)]
+            assert answers[1].choices[0].message.content == answers[0].choices[0].message.content
+            assert answers[1].usage.prompt_tokens == answers[0].usage.prompt_tokens
+        with pytest.raises(openai.BadRequestError) as e:
+            vl.chat.completions.create(model="base", messages=_messages(uri, "star " * 1100),
+                                       max_tokens=4)
+        assert e.value.body["code"] == "context_length_exceeded"
+    finally:
+        serve.delete("vllm")
