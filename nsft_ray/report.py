@@ -1,0 +1,288 @@
+"""The comparison report: quality x memory x time x models resident, over methods and seeds.
+
+    agg = write_report(records, "runs/compare")  # report.json/.md, quality/memory/curves.png
+
+One RECORD per (method, seed), as `nsft_ray.compare` builds it:
+    {"method", "seed", "eval" (nsft_ray.eval.evaluate's result), "models_resident",
+     "memory_by_role" / "param_bytes_by_role" / "optimizer_bytes_by_role" ({role: bytes}),
+     "train_seconds", "samples_per_s", "tokens_per_s", "steps", "curve" ([{"step", "loss"}])}
+Missing values (None, NaN, absent keys) are skipped, never counted as zero; a method whose every
+seed lacks a value shows "–". Plots are drawn on bare matplotlib Figures (Agg), no pyplot state.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+__all__ = ["METRICS", "aggregate", "markdown_table", "plot_quality", "plot_memory", "plot_curves",
+           "write_report"]
+
+# (column label, path into the eval result, higher_is_better). None: no better direction; the
+# POPE yes-ratio is best near the share of "yes" labels (0.5: pope_items draws k positives and
+# k negatives per image and setting), so no cell of that column is bolded.
+METRICS: tuple[tuple[str, tuple[str, ...], bool | None], ...] = (
+    ("POPE acc (adv)", ("pope", "adversarial", "accuracy"), True),
+    ("POPE F1 (adv)", ("pope", "adversarial", "f1"), True),
+    ("yes-ratio (adv)", ("pope", "adversarial", "yes_ratio"), None),
+    ("CHAIR_i", ("chair", "chair_i"), False),
+    ("CHAIR_s", ("chair", "chair_s"), False),
+    ("obj recall", ("chair", "object_recall"), True),
+    ("attribute", ("attribute_accuracy",), True),
+    ("count", ("count_accuracy",), True),
+    ("position", ("position_accuracy",), True),
+    ("scene", ("scene_accuracy",), True),
+)
+SCALARS = ("train_seconds", "samples_per_s", "tokens_per_s", "steps")  # mean over seeds
+ROLE_FIELDS = ("memory_by_role", "param_bytes_by_role", "optimizer_bytes_by_role")
+MIB = 2**20
+DASH = "–"
+
+
+def _present(v: Any) -> bool:
+    return v is not None and not (isinstance(v, float) and math.isnan(v))
+
+
+def _get(tree: Any, path: Sequence[str]) -> Any:
+    for key in path:
+        if not isinstance(tree, dict):
+            return None
+        tree = tree.get(key)
+    return tree
+
+
+def _mean(values: Sequence[float]) -> float | None:
+    return statistics.fmean(values) if values else None
+
+
+def _mean_by_role(dicts: list[dict | None]) -> dict[str, float]:
+    """Role -> mean over the seeds that measured it (roles in first-seen order)."""
+    values: dict[str, list[float]] = {}
+    for d in dicts:
+        for role, v in (d or {}).items():
+            if _present(v):
+                values.setdefault(role, []).append(float(v))
+    return {role: statistics.fmean(vs) for role, vs in values.items()}
+
+
+def _group(records: Sequence[dict]) -> dict[str, list[dict]]:
+    """Records by method, first-seen order; a missing method or a repeated (method, seed) raises."""
+    groups: dict[str, list[dict]] = {}
+    seen = set()
+    for i, r in enumerate(records):
+        if not isinstance(r, dict) or not r.get("method"):
+            raise ValueError(f"record {i}: expected a dict with a non-empty 'method', "
+                             f"got {r!r:.80}")
+        key = (r["method"], r.get("seed"))
+        if key in seen:
+            raise ValueError(f"record {i}: method={key[0]!r} seed={key[1]!r} appears twice")
+        seen.add(key)
+        groups.setdefault(r["method"], []).append(r)
+    return groups
+
+
+def aggregate(records: Sequence[dict]) -> dict[str, dict[str, Any]]:
+    """Per method: metric mean/std/values over seeds, memory (bytes), time and throughput means."""
+    out: dict[str, dict[str, Any]] = {}
+    for method, rs in _group(records).items():
+        metrics = {}
+        for label, path, _ in METRICS:
+            vs = [float(v) for r in rs if _present(v := _get(r.get("eval"), path))]
+            metrics[label] = {"mean": _mean(vs), "values": vs,
+                              "std": statistics.stdev(vs) if len(vs) > 1 else (0.0 if vs else None)}
+        resident = {r["models_resident"] for r in rs if _present(r.get("models_resident"))}
+        if len(resident) > 1:  # the same method keeps the same models; differing counts is a bug
+            raise ValueError(f"method {method!r}: models_resident differs across seeds: {resident}")
+        # Peak memory of one run = the sum of its roles' peaks; then the mean over runs.
+        peaks = [sum(float(v) for v in mem.values() if _present(v))
+                 for r in rs if (mem := r.get("memory_by_role"))
+                 and any(_present(v) for v in mem.values())]
+        agg: dict[str, Any] = {
+            "seeds": [r.get("seed") for r in rs],
+            "metrics": metrics,
+            "models_resident": resident.pop() if resident else None,
+            "peak_memory_bytes": _mean(peaks),
+            **{f: _mean_by_role([r.get(f) for r in rs]) for f in ROLE_FIELDS},
+            **{f: _mean([float(r[f]) for r in rs if _present(r.get(f))]) for f in SCALARS},
+        }
+        out[method] = agg
+    return out
+
+
+def _fmt(v: float | None, digits: int) -> str:
+    return DASH if v is None else f"{v:.{digits}f}"
+
+
+def markdown_table(agg: dict[str, dict[str, Any]]) -> str:
+    """Method x metric, "mean ± std" (no ± for one seed), the best mean per column in bold."""
+    best: dict[str, str] = {}
+    for label, _, higher in METRICS:
+        # Compare what is displayed, so equal-looking cells are bolded alike.
+        means = [round(m["metrics"][label]["mean"], 3) for m in agg.values()
+                 if m["metrics"][label]["mean"] is not None]
+        # No bold when every method shares the value: then no method is better.
+        if higher is not None and len(set(means)) > 1:
+            best[label] = _fmt(max(means) if higher else min(means), 3)
+    head = ["method", "seeds", *[label for label, _, _ in METRICS],
+            "models resident", "peak memory (MiB)", "train s", "samples/s"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for method, m in agg.items():
+        cells = [method, str(len(m["seeds"]))]
+        for label, _, _ in METRICS:
+            s = m["metrics"][label]
+            text = _fmt(s["mean"], 3)
+            text = f"**{text}**" if best.get(label) == text else text
+            cells.append(text + (f" ± {s['std']:.3f}" if len(s["values"]) > 1 else ""))
+        mem = m["peak_memory_bytes"]
+        cells += [DASH if m["models_resident"] is None else str(m["models_resident"]),
+                  _fmt(None if mem is None else mem / MIB, 1),
+                  _fmt(m["train_seconds"], 1), _fmt(m["samples_per_s"], 1)]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _figure(width: float, height: float):  # -> matplotlib.figure.Figure
+    # A bare Figure renders with Agg on savefig and touches no global pyplot/backend state.
+    from matplotlib.figure import Figure
+
+    return Figure(figsize=(width, height), dpi=110, layout="constrained")
+
+
+def _colours(methods: Sequence[str]) -> dict[str, Any]:
+    """One colour per method, the same in every plot (tab10 in method order)."""
+    from matplotlib import colormaps
+
+    cmap = colormaps["tab10"]
+    return {m: cmap(i % 10) for i, m in enumerate(methods)}
+
+
+def plot_quality(agg: dict[str, dict[str, Any]], path: str | Path) -> None:
+    """Grouped bars: one group per metric, one bar per method, error bars = std over seeds."""
+    fig = _figure(min(14.0, 9.0 + 0.6 * len(agg)), 5.0)
+    ax = fig.add_subplot()
+    colours, n = _colours(list(agg)), max(len(agg), 1)
+    width = 0.8 / n
+    for j, (method, m) in enumerate(agg.items()):
+        stats = [m["metrics"][label] for label, _, _ in METRICS]
+        xs = [i + (j - (n - 1) / 2) * width for i in range(len(METRICS))]
+        means = [math.nan if s["mean"] is None else s["mean"] for s in stats]
+        errs = [0.0 if s["std"] is None else s["std"] for s in stats]
+        ax.bar(xs, means, width, yerr=errs, capsize=2, color=colours[method],
+               label=f"{method} (n={len(m['seeds'])})", error_kw={"elinewidth": 1})
+    arrows = {True: " ↑", False: " ↓", None: ""}
+    ax.set_xticks(range(len(METRICS)), [label + arrows[h] for label, _, h in METRICS],
+                  rotation=30, ha="right")
+    ax.set_ylim(0, 1.05)
+    ax.set_ylabel("score (mean ± std over seeds)")
+    ax.set_title("Quality per metric (↑ higher is better, ↓ lower is better)")
+    ax.grid(axis="y", alpha=0.3)
+    # Outside the axes, so it never hides a bar near 1.0.
+    ax.legend(title="method", fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    fig.savefig(path)
+
+
+def plot_memory(agg: dict[str, dict[str, Any]], path: str | Path) -> None:
+    """Peak memory per method, stacked by role, labelled with the number of models resident."""
+    fig = _figure(max(6.0, 1.2 * len(agg) + 2), 4.6)
+    ax = fig.add_subplot()
+    roles = list(dict.fromkeys(r for m in agg.values() for r in m["memory_by_role"]))
+    from matplotlib import colormaps
+
+    cmap = colormaps["Set2"]
+    methods = list(agg)
+    bottom = [0.0] * len(methods)
+    for k, role in enumerate(roles):
+        heights = [agg[m]["memory_by_role"].get(role, 0.0) / MIB for m in methods]
+        ax.bar(methods, heights, 0.6, bottom=bottom, color=cmap(k % 8), label=role,
+               edgecolor="white")
+        bottom = [b + h for b, h in zip(bottom, heights, strict=True)]
+    top = max(bottom, default=0.0) or 1.0
+    for i, m in enumerate(methods):
+        n = agg[m]["models_resident"]
+        note = "no memory measured" if not bottom[i] else f"{bottom[i]:.0f} MiB"
+        note += "" if n is None else f"\n{n} model{'s' if n != 1 else ''}"
+        ax.text(i, bottom[i] + 0.02 * top, note, ha="center", va="bottom", fontsize=8)
+    ax.set_ylim(0, top * 1.2)
+    ax.set_ylabel("peak memory (MiB, mean over seeds)")
+    ax.set_title("Peak training memory per method, by role")
+    ax.grid(axis="y", alpha=0.3)
+    if roles:
+        ax.legend(title="role", fontsize=8, loc="upper left")
+    fig.savefig(path)
+
+
+def plot_curves(records: Sequence[dict], path: str | Path) -> None:
+    """Training loss vs step: thin lines per seed, a thick line for the mean per step per method."""
+    fig = _figure(8.0, 4.6)
+    ax = fig.add_subplot()
+    groups = _group(records)
+    colours = _colours(list(groups))
+    drawn = False
+    for method, rs in groups.items():
+        by_step: dict[float, list[float]] = {}
+        runs = 0
+        for r in rs:
+            pts = [(p["step"], float(p["loss"])) for p in r.get("curve") or []
+                   if _present(p.get("step")) and _present(p.get("loss"))]
+            if pts:
+                runs += 1
+                ax.plot(*zip(*pts, strict=True), color=colours[method], lw=0.8, alpha=0.35)
+            for step, loss in pts:
+                by_step.setdefault(step, []).append(loss)
+        if by_step:
+            steps = sorted(by_step)
+            ax.plot(steps, [statistics.fmean(by_step[s]) for s in steps], color=colours[method],
+                    lw=2.4, label=f"{method} (mean of {runs})")
+            drawn = True
+    if not drawn:
+        ax.text(0.5, 0.5, "no training curves recorded", ha="center", va="center",
+                transform=ax.transAxes)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("training loss")
+    ax.set_title("Training loss (thin: each seed, thick: mean over seeds)")
+    ax.grid(alpha=0.3)
+    if drawn:
+        ax.legend(title="method", fontsize=8)
+    fig.savefig(path)
+
+
+def _jsonable(o: Any) -> Any:
+    if hasattr(o, "item"):  # numpy / torch scalars
+        return o.item()
+    raise TypeError(f"report.json: cannot serialise {type(o).__name__} {o!r:.80}")
+
+
+def write_report(
+    records: Sequence[dict], out_dir: str | Path, title: str = "nsft-ray: method comparison"
+) -> dict[str, dict[str, Any]]:
+    """Write report.json, report.md, quality.png, memory.png, curves.png; return the aggregate."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    agg = aggregate(records)
+    # The eval examples (question/answer rows) are bulky and already in each run's eval output.
+    raw = [{**r, "eval": {k: v for k, v in (r.get("eval") or {}).items() if k != "examples"}}
+           for r in records]
+    (out / "report.json").write_text(
+        json.dumps({"title": title, "methods": agg, "records": raw}, indent=2, default=_jsonable))
+    plot_quality(agg, out / "quality.png")
+    plot_memory(agg, out / "memory.png")
+    plot_curves(records, out / "curves.png")
+    direction = {True: "higher is better", False: "lower is better",
+                 None: "best near 0.5, the share of yes labels"}
+    md = [f"# {title}", "", markdown_table(agg), "",
+          "- Quality per metric (mean ± std over seeds): ![quality](quality.png)",
+          "- Peak memory per method, by role: ![memory](memory.png)",
+          "- Training loss curves: ![curves](curves.png)", "", "## Metrics", ""]
+    md += [f"- **{label}**: `eval.{'.'.join(p)}` ({direction[h]})" for label, p, h in METRICS]
+    md += ["- **models resident**: models held in memory while training (policy, reference, "
+           "critic, reward)",
+           "- **peak memory**: sum over roles of each role's measured peak, mean over seeds",
+           "- **train s**, **samples/s**: training wall time and throughput, mean over seeds",
+           "", "Bold: the best mean of a column (ties alike; none when all are equal); "
+           "–: not measured."]
+    (out / "report.md").write_text("\n".join(md) + "\n")
+    return agg
