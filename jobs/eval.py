@@ -1,6 +1,7 @@
 """Ray job: evaluate an exported model folder on the ShapesWorld eval split.
 
-    ray job submit --working-dir . -- python jobs/eval.py --model /mnt/runs/nsft/model --data /mnt/data/world
+    ray job submit --working-dir . -- python jobs/eval.py \
+        --model /mnt/shared/runs/nsft/model --data /mnt/shared/data/world
 """
 
 import sys

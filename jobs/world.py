@@ -1,6 +1,7 @@
 """Ray job: write ShapesWorld datasets.
 
-    ray job submit --working-dir . -- python jobs/world.py --out /mnt/data/world --config jobs/configs/tiny/world.yaml
+    ray job submit --working-dir . -- python jobs/world.py \
+        --out /mnt/shared/data/world --config jobs/configs/tiny/world.yaml
 """
 
 import sys
