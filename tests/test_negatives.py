@@ -326,3 +326,24 @@ def test_batch_fn_accepts_nulls():
     )
     (r,) = NegativesBatchFn(CFG)(table).to_pylist()
     assert (r["id"], r["quarantine_reason"]) == ("n", "bad_row")
+
+
+def test_caption_count_summary_does_not_hide_a_wrong_colour():
+    """The summary sentence ("with one triangle") restates the count; the described triangle is the
+    object. Regression: the bare mention made the chosen list two triangles and nothing was found.
+    Also: the filled template says "an orange", not "a orange"."""
+    from nsft_ray.config import NegativesConfig
+    from nsft_ray.negatives.pipeline import construct_rows
+
+    row = {"id": "x", "image": b"1", "prompt": "Describe the picture.", "source": "", "meta": "{}",
+           "chosen": "A striped picture with one triangle. There is a large blue triangle at the "
+                     "bottom.",
+           "rejected": "A striped picture with one triangle. There is a large orange triangle at "
+                       "the bottom left."}
+    conversations, failures = construct_rows([row], NegativesConfig())
+    assert failures == []
+    negative = [c for c in conversations if c["origin"] == "negative"][0]
+    assert [m["content"] for m in negative["messages"]] == [
+        "Is there an orange triangle in the picture?",
+        "No, there is no orange triangle in the picture.",
+    ]

@@ -8,6 +8,7 @@ required because the text-diff constructor writes them.
 
 from __future__ import annotations
 
+import re
 import string
 from dataclasses import dataclass
 from importlib import resources
@@ -49,7 +50,15 @@ class QA:
     answer: str
 
     def render(self, fields: dict[str, str]) -> tuple[str, str]:
-        return self.question.format(**fields), self.answer.format(**fields)
+        return _articles(self.question.format(**fields)), _articles(self.answer.format(**fields))
+
+
+_A_BEFORE_VOWEL = re.compile(r"\b([Aa]) (?=[aeiouAEIOU])")
+
+
+def _articles(text: str) -> str:
+    """"a orange circle" -> "an orange circle" once a template is filled."""
+    return _A_BEFORE_VOWEL.sub(lambda m: m.group(1) + "n ", text)
 
 
 @dataclass(frozen=True)

@@ -53,7 +53,11 @@ def _true_count(chosen: Claims, obj: str) -> int | None:
 
 
 def _present(chosen: Claims, obj: str) -> list[ObjectClaim]:
-    return [c for c in chosen.objects if c.present and c.object == obj]
+    listed = [c for c in chosen.objects if c.present and c.object == obj]
+    described = [c for c in listed if c.color or c.size or c.position]
+    # A bare mention ("a picture with one triangle.") restates a count; the described claims are
+    # the objects themselves, so counting both would list the same triangle twice.
+    return described or listed
 
 
 def _count_correction(obj: str, n: int) -> Correction:
