@@ -29,6 +29,7 @@ from nsft_ray.schema import ROLES
 __all__ = [
     "IGNORE_INDEX",
     "Collator",
+    "pad_values",
     "decode_image",
     "encode_conversation",
     "encode_prompt",
@@ -167,6 +168,16 @@ def rows_from_batch(batch: Sequence[Mapping[str, Any]] | Mapping[str, Sequence])
     return [dict(r) for r in batch]
 
 
+def pad_values(processor: ProcessorMixin) -> dict[str, int]:
+    """What right padding fills in: the pad (or eos) id, attention 0, and no label."""
+    tokenizer = processor.tokenizer
+    pad = tokenizer.pad_token_id
+    pad = tokenizer.eos_token_id if pad is None else pad
+    if pad is None:
+        raise ValueError("the tokenizer has neither pad_token nor eos_token to pad with")
+    return {"input_ids": pad, "attention_mask": 0, "labels": IGNORE_INDEX}
+
+
 class Collator:
     """Conversation rows -> a right-padded training batch of torch tensors.
 
@@ -175,14 +186,9 @@ class Collator:
     """
 
     def __init__(self, processor: ProcessorMixin, max_length: int):
-        tokenizer = processor.tokenizer
-        pad = tokenizer.pad_token_id
-        pad = tokenizer.eos_token_id if pad is None else pad
-        if pad is None:
-            raise ValueError("the tokenizer has neither pad_token nor eos_token to pad with")
         self.processor = processor
         self.max_length = max_length
-        self.pad_values = {"input_ids": pad, "attention_mask": 0, "labels": IGNORE_INDEX}
+        self.pad_values = pad_values(processor)
 
     def __call__(
         self, batch: Sequence[Mapping[str, Any]] | Mapping[str, Sequence]

@@ -30,6 +30,7 @@ __all__ = [
     "OptimConfig",
     "TrainConfig",
     "NSFTConfig",
+    "CompareConfig",
     "DeepSpeedConfig",
     "DemoConfig",
     "ResourcesConfig",
@@ -321,15 +322,28 @@ class RewardConfig:
 
 
 @dataclass(frozen=True)
-class DemoConfig:
-    """The miniature experiment: base SFT, then every method from the same base."""
+class CompareConfig:
+    """`nsft-ray compare`: every method from one base on one dataset (see nsft_ray/compare.py)."""
 
-    methods: tuple[str, ...] = ("sft", "nsft")  # aligned from the base, evaluated with it
+    methods: tuple[str, ...] = ("base", "sft", "nsft", "dpo", "ppo")
+    seeds: tuple[int, ...] = (0,)
+    base_model: str = ""  # the common starting checkpoint (HF folder)
+    eval_data: str = ""  # ShapesWorld folder holding the eval split
+    preferences: str = ""  # preference Parquet (dpo; reward model and prompts for ppo)
+    conversations: str = ""  # build-negatives output (sft: chosen; nsft: chosen + negative)
+    steps: int = 120  # optimizer steps for sft, nsft, dpo and the reward model (same budget)
+    lr: float = 5e-4
+    ppo_lr: float = 0.0  # 0: lr
+
+
+@dataclass(frozen=True)
+class DemoConfig:
+    """The miniature experiment: base SFT, negatives, then `compare` from that base."""
+
     base_steps: int = 600  # optimizer steps of base SFT on the world's SFT conversations
     base_lr: float = 2e-3
-    align_steps: int = 150  # optimizer steps per alignment method (same budget for each)
-    align_lr: float = 5e-4
     policy_negatives: bool = True  # sample rejected answers from the base model (on-policy)
+    sampler_actors: int = 2  # Ray actors sampling the policy in parallel (1 CPU each)
 
 
 @dataclass(frozen=True)
@@ -345,6 +359,7 @@ class Config:
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
     resources: ResourcesConfig = field(default_factory=ResourcesConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    compare: CompareConfig = field(default_factory=CompareConfig)
     demo: DemoConfig = field(default_factory=DemoConfig)
     ppo: PPOConfig = field(default_factory=PPOConfig)
     dpo: DPOConfig = field(default_factory=DPOConfig)

@@ -43,10 +43,10 @@ def ensure_ray(address: str = "", num_cpus: int | None = None) -> None:
     if ray.is_initialized():
         return
     address = address or os.environ.get("RAY_ADDRESS", "")
-    env = {"env_vars": {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}}
-    if address:
-        ray.init(address=address, runtime_env=env)
+    if address:  # a cluster (or a Ray job): its runtime env, set at submission, applies
+        ray.init(address=address)
     else:
+        env = {"env_vars": {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}}
         ray.init(num_cpus=num_cpus, include_dashboard=False, runtime_env=env)
 
 

@@ -1,0 +1,119 @@
+"""One file per algorithm; each builds a `loop.Objective` and says which models it holds.
+
+`ALGORITHMS` is the one visible dispatch table the trainers, the CLI and the comparison use. An
+entry says how to build the trained module and its objective, how many models are resident,
+which rows it trains on, how rows become tensors, and how the trained module is exported.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from nsft_ray.algorithms.dpo import dpo_objective
+from nsft_ray.algorithms.dpo import models_resident as dpo_models_resident
+from nsft_ray.algorithms.nsft import models_resident as nsft_models_resident
+from nsft_ray.algorithms.nsft import nsft_objective
+from nsft_ray.algorithms.reward import load_reward_model, reward_objective, save_reward_model
+from nsft_ray.algorithms.sft import sft_objective
+from nsft_ray.config import Config
+from nsft_ray.loop import Objective
+
+__all__ = ["ALGORITHMS", "AlgorithmSpec", "conversation_collate", "frozen_copy", "load_policy",
+           "preference_collate", "save_policy"]
+
+
+def frozen_copy(model: nn.Module) -> nn.Module:
+    """A frozen reference copy of `model` in eval mode (the second resident model)."""
+    ref = copy.deepcopy(model).eval()
+    for p in ref.parameters():
+        p.requires_grad_(False)
+    return ref
+
+
+def load_policy(cfg: Config) -> tuple[nn.Module, Any]:
+    from nsft_ray.models import load_vlm
+
+    return load_vlm(cfg.model.name_or_path, dtype=cfg.model.dtype)
+
+
+def save_policy(module: nn.Module, processor: Any, out: Path, state_dict: dict | None) -> None:
+    module.save_pretrained(out, state_dict=state_dict)
+    processor.save_pretrained(out)
+
+
+def conversation_collate(processor: Any, cfg: Config) -> Callable[[dict], dict]:
+    """Conversation rows -> padded tensors with assistant-only labels and an `is_negative` flag."""
+    from nsft_ray.collate import Collator
+
+    collator = Collator(processor, cfg.train.max_length)
+
+    def collate(batch: dict) -> dict:
+        out = collator(batch)
+        out["is_negative"] = torch.tensor([o == "negative" for o in batch["origin"]])
+        return out
+
+    return collate
+
+
+def preference_collate(processor: Any, cfg: Config) -> Callable[[dict], dict]:
+    """Preference rows -> 2B stacked chosen/rejected sequences (+ precomputed reference logps)."""
+    from nsft_ray.preference_collate import PreferenceCollator
+
+    return PreferenceCollator(processor, cfg.train.max_length)
+
+
+def _dpo(cfg: Config, model: nn.Module, device: torch.device) -> Objective:
+    reference = None if cfg.dpo.precompute_ref else frozen_copy(model).to(device)
+    return dpo_objective(cfg.dpo, reference)
+
+
+def _nsft(cfg: Config, model: nn.Module, device: torch.device) -> Objective:
+    reference = frozen_copy(model).to(device) if cfg.nsft.kl_coef > 0 else None
+    return nsft_objective(cfg.nsft, reference)
+
+
+@dataclass(frozen=True)
+class AlgorithmSpec:
+    objective: Callable[[Config, nn.Module, torch.device], Objective]
+    models_resident: Callable[[Config], int]
+    # Conversation origins it trains on by default; None: it trains on preference rows.
+    origins: Callable[[Config], tuple[str, ...] | None]
+    collate: Callable[[Any, Config], Callable[[dict], dict]] = conversation_collate
+    load: Callable[[Config], tuple[nn.Module, Any]] = load_policy
+    save: Callable[[nn.Module, Any, Path, dict | None], None] = save_policy
+    extra: dict = field(default_factory=dict)
+
+
+ALGORITHMS: dict[str, AlgorithmSpec] = {
+    "sft": AlgorithmSpec(
+        objective=lambda cfg, model, device: sft_objective(),
+        models_resident=lambda cfg: 1,
+        origins=lambda cfg: ("sft", "chosen"),
+    ),
+    "nsft": AlgorithmSpec(
+        objective=_nsft,
+        models_resident=lambda cfg: nsft_models_resident(cfg.nsft),
+        origins=lambda cfg: ("chosen", "negative") if cfg.nsft.use_chosen else ("negative",),
+    ),
+    "dpo": AlgorithmSpec(
+        objective=_dpo,
+        models_resident=lambda cfg: dpo_models_resident(cfg.dpo),
+        origins=lambda cfg: None,
+        collate=preference_collate,
+    ),
+    "reward": AlgorithmSpec(
+        objective=lambda cfg, model, device: reward_objective(),
+        models_resident=lambda cfg: 1,
+        origins=lambda cfg: None,
+        collate=preference_collate,
+        load=load_reward_model,
+        save=save_reward_model,
+    ),
+}
