@@ -1,0 +1,250 @@
+"""The `nsft-ray` console script.
+
+    nsft-ray world --out DIR [--config FILE] [key=value ...]
+    nsft-ray init-model --out DIR [--size tiny|small] [--arch idefics3|llava] [key=value ...]
+    nsft-ray build-negatives --input PREFERENCE_PARQUET --out DIR [--config FILE] [key=value ...]
+    nsft-ray train --algo sft|nsft|dpo|reward|ppo --config FILE [key=value ...]   (run.dir)
+    nsft-ray eval --model DIR --data WORLD_DIR [--out DIR]
+    nsft-ray compare --config FILE --out DIR [key=value ...]
+    nsft-ray serve --model base=DIR --model nsft=DIR [--port 8000]  (or --config FILE)
+    nsft-ray submit [--address URL] -- python jobs/train.py ...     (exit code = job status)
+    nsft-ray demo --out runs/demo
+
+Every command loads the typed config (YAML + dotted overrides), prints the resolved config, saves it
+in its output folder, and calls one library function. Heavy imports happen inside the commands so
+`nsft-ray --help` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from nsft_ray.config import Config, ConfigError, load_config, save_config, to_dict
+
+__all__ = ["main", "build_parser"]
+
+
+def _resolved(args: argparse.Namespace, extra: list[str] = ()) -> Config:
+    cfg = load_config(args.config, [*extra, *args.overrides])
+    return cfg
+
+
+def _announce(cfg: Config, out: Path) -> None:
+    path = save_config(cfg, out)
+    print(yaml.safe_dump(to_dict(cfg), sort_keys=False).rstrip())
+    print(f"# resolved config saved to {path}")
+
+
+def cmd_world(args: argparse.Namespace) -> dict:
+    from nsft_ray.world import write_world
+
+    cfg = _resolved(args)
+    out = Path(args.out)
+    _announce(cfg, out)
+    sampler = None
+    if cfg.world.negatives == "policy":
+        if not cfg.world.policy_model:
+            raise ConfigError("world.policy_model: required when world.negatives=policy")
+        from nsft_ray.models import make_sampler
+
+        sampler = make_sampler(
+            cfg.world.policy_model,
+            temperature=cfg.world.policy_temperature,
+            max_new_tokens=cfg.world.policy_max_new_tokens,
+            batch_size=cfg.world.policy_batch_size,
+        )
+    summary = write_world(cfg.world, out, seed=cfg.run.seed, sampler=sampler)
+    print(json.dumps(summary, indent=2))
+    return summary
+
+
+def cmd_init_model(args: argparse.Namespace) -> dict:
+    from nsft_ray.models import build_tiny_vlm, load_vlm, param_count
+    from nsft_ray.world import corpus
+
+    extra = [f"model.size={args.size}"] if args.size else []
+    extra += [f"model.arch={args.arch}"] if args.arch else []
+    cfg = _resolved(args, extra)
+    out = Path(args.out)
+    texts = corpus(cfg.world, n=args.corpus_size, seed=cfg.run.seed)
+    build_tiny_vlm(
+        out, texts, size=cfg.model.size, arch=cfg.model.arch,
+        image_size=cfg.world.image_size, seed=cfg.run.seed,
+    )
+    model, _ = load_vlm(out)  # prove the folder loads through the same path as real checkpoints
+    info = {"out": str(out), "arch": cfg.model.arch, "size": cfg.model.size,
+            "parameters": param_count(model)}
+    print(json.dumps(info, indent=2))
+    return info
+
+
+def cmd_build_negatives(args: argparse.Namespace) -> dict:
+    from nsft_ray.ray_glue.negatives import build_negatives
+
+    cfg = _resolved(args)
+    out = Path(args.out)
+    _announce(cfg, out)
+    return build_negatives(args.input, out, cfg.data, cfg.negatives)
+
+
+TRAIN_ALGOS = ("sft", "nsft", "dpo", "reward", "ppo")
+
+
+def cmd_train(args: argparse.Namespace) -> dict:
+    cfg = _resolved(args)
+    print(yaml.safe_dump(to_dict(cfg), sort_keys=False).rstrip())
+    if args.algo == "ppo":  # its own controller: four roles on their own placement groups
+        from nsft_ray.ray_glue.ppo import train_ppo
+
+        summary = train_ppo(cfg)
+    else:  # Ray Train + DeepSpeed; saves the resolved config in run.dir
+        from nsft_ray.ray_glue.train import train
+
+        summary = train(cfg, args.algo)
+    print(json.dumps(summary, indent=2))
+    return summary
+
+
+def cmd_eval(args: argparse.Namespace) -> dict:
+    from nsft_ray.eval import evaluate
+
+    cfg = _resolved(args)
+    result = evaluate(args.model, args.data, cfg.eval, seed=cfg.run.seed)
+    if args.out:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "eval.json").write_text(json.dumps(result, indent=2))
+    print(json.dumps(result, indent=2))
+    return result
+
+
+def cmd_compare(args: argparse.Namespace) -> dict:
+    from nsft_ray.compare import compare
+
+    cfg = _resolved(args)
+    print(yaml.safe_dump(to_dict(cfg), sort_keys=False).rstrip())
+    return compare(cfg, Path(args.out))
+
+
+DEMO_CONFIG = Path(__file__).resolve().parents[1] / "jobs" / "configs" / "tiny" / "demo.yaml"
+
+
+def cmd_demo(args: argparse.Namespace) -> dict:
+    from nsft_ray.demo import run_demo
+
+    if args.config is None and DEMO_CONFIG.exists():
+        args.config = str(DEMO_CONFIG)
+    cfg = _resolved(args)
+    return run_demo(Path(args.out), cfg)
+
+
+COMMANDS = {
+    "world": (cmd_world, "write ShapesWorld SFT and preference datasets (train/eval Parquet)"),
+    "init-model": (cmd_init_model, "build a tiny VLM offline (tokenizer trained locally)"),
+    "build-negatives": (cmd_build_negatives, "preference Parquet -> nSFT corrective conversations"),
+    "train": (cmd_train, "train sft (base / continual SFT), nsft, dpo, reward or ppo on Ray"),
+    "eval": (cmd_eval, "evaluate a model folder on the ShapesWorld eval split"),
+    "compare": (cmd_compare, "train every method from one base, evaluate, write the report"),
+    "demo": (cmd_demo, "the miniature experiment end to end on an embedded local Ray"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="nsft-ray", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, (_fn, help_text) in PASSTHROUGH.items():
+        sub.add_parser(name, help=help_text, add_help=False)  # listed in --help; parsed apart
+    for name, (_fn, help_text) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        p.add_argument("--config", help="YAML config file (see jobs/configs/)")
+        p.add_argument("overrides", nargs="*", metavar="key=value",
+                       help="dotted config overrides, e.g. world.n_train=500 run.seed=1")
+        if name == "build-negatives":
+            p.add_argument("--input", required=True, help="preference Parquet file or folder")
+        if name == "init-model":
+            p.add_argument("--size", choices=["tiny", "small"])
+            p.add_argument("--arch", choices=["idefics3", "llava"])
+            p.add_argument("--corpus-size", type=int, default=4000,
+                           help="ShapesWorld sentences the tokenizer is trained on")
+        if name == "train":
+            p.add_argument("--algo", required=True, choices=TRAIN_ALGOS)
+        if name == "eval":
+            p.add_argument("--model", required=True, help="Hugging Face model folder")
+            p.add_argument("--data", required=True, help="ShapesWorld folder (uses *_eval.parquet)")
+        if name not in ("train", "eval"):
+            p.add_argument("--out", required=True, help="output folder")
+        elif name == "eval":
+            p.add_argument("--out", help="folder for eval.json (optional)")
+    return parser
+
+
+def _submit(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="nsft-ray submit",
+        description="submit a jobs/*.py entrypoint to a Ray cluster (RAY_ADDRESS), follow its "
+                    "logs, exit 0 if it SUCCEEDED",
+        epilog="example: nsft-ray submit -- python jobs/train.py --algo sft --config ...")
+    parser.add_argument("--address", default="", help="job server, e.g. http://127.0.0.1:8265")
+    parser.add_argument("--working-dir", default=".")
+    parser.add_argument("--no-follow", action="store_true", help="return once submitted")
+    parser.add_argument("--timeout", type=float, default=0.0, help="seconds; 0: no limit")
+    parser.add_argument("entrypoint", nargs=argparse.REMAINDER)
+    args = parser.parse_args(argv)
+    entrypoint = args.entrypoint[1:] if args.entrypoint[:1] == ["--"] else args.entrypoint
+    from nsft_ray.ray_glue.submit import submit
+
+    return submit(entrypoint, address=args.address, working_dir=args.working_dir,
+                  follow=not args.no_follow, timeout_s=args.timeout)
+
+
+def _serve(argv: list[str]) -> int:
+    from serve.app import main as serve_main
+
+    return serve_main(argv)
+
+
+# Commands with their own argument parsers (they pass arguments through).
+PASSTHROUGH = {
+    "serve": (_serve, "host models over OpenAI-compatible HTTP with Ray Serve (see serve/)"),
+    "submit": (_submit, "submit a jobs/*.py entrypoint to a Ray cluster and follow it"),
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing here may reach a model hub
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] in PASSTHROUGH:
+        try:
+            return PASSTHROUGH[argv[0]][0](argv[1:])
+        except ValueError as e:
+            print(f"nsft-ray {argv[0]}: {e}", file=sys.stderr)
+            return 2
+    args = build_parser().parse_args(argv)
+    fn = COMMANDS[args.command][0]
+    start = time.perf_counter()
+    try:
+        fn(args)
+    except ConfigError as e:
+        print(f"nsft-ray {args.command}: config error: {e}", file=sys.stderr)
+        return 2
+    print(f"# {args.command} finished in {time.perf_counter() - start:.1f} s")
+    return 0
+
+
+def run(argv: list[str]) -> Any:
+    """Entry for jobs/*.py: the same as the console script, raising SystemExit on failure."""
+    code = main(argv)
+    if code:
+        raise SystemExit(code)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
