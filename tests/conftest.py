@@ -5,3 +5,26 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
+
+RAY_BLOCKER = (
+    "import sys\n"
+    "class Block:\n"
+    "    def find_spec(self, name, path=None, target=None):\n"
+    "        if name == 'ray' or name.startswith('ray.'):\n"
+    "            raise ImportError('ray is blocked in this test')\n"
+    "sys.meta_path.insert(0, Block())\n"
+)
+
+
+def run_with_ray_blocked(code: str):
+    """Run `code` in a fresh interpreter where any `import ray` fails; ends by checking that
+    nothing imported ray and printing 'ok'. Returns the CompletedProcess."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    script = RAY_BLOCKER + code + "\nassert 'ray' not in sys.modules\nprint('ok')\n"
+    return subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=300, env=env)

@@ -11,7 +11,6 @@ import os
 import random
 import shutil
 import socket
-import subprocess
 import sys
 import threading
 import time
@@ -378,22 +377,13 @@ def test_replicas_and_autoscaling_reach_serve_options():
 
 def test_fastapi_app_builds_without_ray():
     """serve.api, backends, config and schemas never import ray (only serve.app does)."""
-    code = (
-        "import sys\n"
-        "class Block:\n"
-        "    def find_spec(self, name, path=None, target=None):\n"
-        "        if name == 'ray' or name.startswith('ray.'):\n"
-        "            raise ImportError('ray is blocked in this test')\n"
-        "sys.meta_path.insert(0, Block())\n"
+    from conftest import run_with_ray_blocked
+
+    out = run_with_ray_blocked(
         "from serve.api import create_app\n"
         "from serve.config import LimitsConfig\n"
         "create_app({}, LimitsConfig())\n"
-        "assert 'ray' not in sys.modules\n"
-        "print('ok')\n"
     )
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         timeout=300, env=env)
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-3000:]
 
 
