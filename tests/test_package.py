@@ -37,3 +37,10 @@ def test_core_imports_without_ray():
     )
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.strip().endswith("ok")
+
+
+def test_top_level_public_surface():
+    assert nsft_ray.__all__[0] == "__version__"
+    for name in nsft_ray.__all__:
+        assert getattr(nsft_ray, name) is not None, name
+    assert callable(nsft_ray.load_config) and "nsft" in nsft_ray.ALGORITHMS
