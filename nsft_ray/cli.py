@@ -27,14 +27,21 @@ from typing import Any
 
 import yaml
 
-from nsft_ray.config import Config, ConfigError, load_config, save_config, to_dict
+from nsft_ray.config import (
+    Config,
+    ConfigError,
+    absolute_paths,
+    load_config,
+    save_config,
+    to_dict,
+)
 
 __all__ = ["main", "build_parser"]
 
 
 def _resolved(args: argparse.Namespace, extra: list[str] = ()) -> Config:
-    cfg = load_config(args.config, [*extra, *args.overrides])
-    return cfg
+    # Paths are relative to where the command runs; Ray workers run elsewhere, so fix them here.
+    return absolute_paths(load_config(args.config, [*extra, *args.overrides]))
 
 
 def _announce(cfg: Config, out: Path) -> None:

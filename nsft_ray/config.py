@@ -44,6 +44,7 @@ __all__ = [
     "load_config",
     "from_dict",
     "to_dict",
+    "absolute_paths",
     "apply_overrides",
     "save_config",
 ]
@@ -503,6 +504,33 @@ def load_config(
         data = loaded
     data = apply_overrides(data, list(overrides))
     return from_dict(cls, data)
+
+
+# Fields that name local files or folders; a Ray worker runs in another working directory, so
+# relative paths are made absolute where the command was given (see `absolute_paths`).
+PATH_FIELDS = (
+    ("model", "name_or_path"), ("train", "data"), ("eval", "data"), ("reward", "eval_data"),
+    ("ppo", "reward_model"), ("ppo", "reference_model"), ("ppo", "critic_model"),
+    ("compare", "base_model"), ("compare", "eval_data"), ("compare", "preferences"),
+    ("compare", "conversations"),
+)
+
+
+def absolute_paths(cfg: Config) -> Config:
+    """`cfg` with existing relative paths (and run.dir) made absolute against the current dir.
+
+    A value that does not exist locally is left alone: it may be a hub id or a remote URI.
+    """
+    def fix(value: str) -> str:
+        return str(Path(value).resolve()) if value and Path(value).exists() else value
+
+    sections: dict[str, dict] = {"run": {"dir": str(Path(cfg.run.dir).resolve())}}
+    for section, name in PATH_FIELDS:
+        value = getattr(getattr(cfg, section), name)
+        new = tuple(fix(v) for v in value) if isinstance(value, tuple) else fix(value)
+        sections.setdefault(section, {})[name] = new
+    return dataclasses.replace(cfg, **{
+        s: dataclasses.replace(getattr(cfg, s), **fields) for s, fields in sections.items()})
 
 
 def save_config(cfg: Any, run_dir: str | Path) -> Path:

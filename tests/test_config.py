@@ -79,3 +79,18 @@ def test_bundled_job_configs_load():
     assert configs, "jobs/configs has no YAML files"
     for path in configs:
         load_config(path)  # raises on any unknown key or wrong type
+
+
+def test_absolute_paths_fixes_existing_relative_paths_only(tmp_path, monkeypatch):
+    from nsft_ray.config import absolute_paths
+
+    (tmp_path / "models" / "base").mkdir(parents=True)
+    (tmp_path / "prefs.parquet").write_bytes(b"")
+    monkeypatch.chdir(tmp_path)
+    cfg = absolute_paths(load_config(None, [
+        "model.name_or_path=models/base", "train.data=[prefs.parquet]", "run.dir=runs/x",
+        "compare.base_model=llava-hf/llava-1.5-7b-hf"]))
+    assert cfg.model.name_or_path == str(tmp_path / "models" / "base")
+    assert cfg.train.data == (str(tmp_path / "prefs.parquet"),)
+    assert cfg.run.dir == str(tmp_path / "runs" / "x")  # not there yet: made absolute anyway
+    assert cfg.compare.base_model == "llava-hf/llava-1.5-7b-hf"  # a hub id stays as it is
