@@ -63,7 +63,8 @@ def with_reference_logps(ds: ray.data.Dataset, cfg: Config, run_dir: Path) -> ra
                                    "device": "cuda" if use_gpu else "cpu"},
             batch_size=cfg.dpo.precompute_batch_size, batch_format="pyarrow",
             # The trainer's resources are free until it starts: one actor per future worker.
-            concurrency=cfg.resources.num_workers, num_cpus=cfg.resources.cpus_per_worker,
+            compute=ray.data.ActorPoolStrategy(size=cfg.resources.num_workers),
+            num_cpus=cfg.resources.cpus_per_worker,
             num_gpus=1 if use_gpu else 0,
         ).write_parquet(str(tmp))
         written = ray.data.read_parquet(str(tmp)).count()
