@@ -195,8 +195,14 @@ def fit(objective: Objective, engine: Engine, epochs: Callable[[int], Iterable[B
     engine.model.train()
     window: dict[str, float] = {}
     window_start = time.perf_counter()
+    data_wait = 0.0  # seconds this window spent fetching micro-batches (Ray Data + collation)
     while state.step < total_steps:
-        micro = [_to_device(next(stream), device) for _ in range(grad_accum)]
+        micro = []
+        for _ in range(grad_accum):
+            fetch_start = time.perf_counter()
+            batch = next(stream)
+            data_wait += time.perf_counter() - fetch_start
+            micro.append(_to_device(batch, device))
         # Normalise each term by its count over the whole step: exact gradient accumulation.
         counts: dict[str, float] = {k: 0.0 for k in objective.weights}
         for b in micro:
@@ -237,10 +243,13 @@ def fit(objective: Objective, engine: Engine, epochs: Callable[[int], Iterable[B
                 "step": state.step, "epoch": state.epoch, "samples": state.samples,
                 "tokens": state.tokens, f"{prefix}/samples_per_s": samples / max(seconds, 1e-9),
                 f"{prefix}/tokens_per_s": tokens / max(seconds, 1e-9),
+                # Time blocked on the data stream: near 1 means the trainer starves for batches.
+                f"{prefix}/data_wait_s": data_wait,
+                f"{prefix}/data_wait_fraction": min(1.0, data_wait / max(seconds, 1e-9)),
                 "peak_memory_bytes": peak_memory_bytes(device),
             })
             hooks.log(metrics)
-            window, window_start = {}, time.perf_counter()
+            window, window_start, data_wait = {}, time.perf_counter(), 0.0
         if (hooks.checkpoint_every and state.step % hooks.checkpoint_every == 0) or last:
             hooks.checkpoint(state, {"step": state.step})
     return state
