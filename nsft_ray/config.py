@@ -181,9 +181,11 @@ class OptimConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """What every trainer shares: data, budget, checkpoints, logging."""
+    """What every trainer shares: data (validated first: `validate`), budget, checkpoints, logs."""
 
-    data: tuple[str, ...] = ()  # conversation (sft, nsft) or preference (dpo, ...) Parquet paths
+    # Files or folders of conversation (sft, nsft) or preference (dpo, reward) rows, in
+    # data.format (Parquet by default).
+    data: tuple[str, ...] = ()
     origins: tuple[str, ...] = ()  # keep only these conversation origins (empty: all)
     epochs: int = 1
     max_steps: int = 0  # optimizer steps; 0: run `epochs` over the data
@@ -198,6 +200,16 @@ class TrainConfig:
     max_failures: int = 1  # worker failures Ray Train recovers from (restarts from a checkpoint)
     export: bool = True  # write a Hugging Face folder (model + processor) at the end
     crash_at_step: int = 0  # fault injection for tests: rank 0 dies once at this step (0: never)
+    # sft/nsft/dpo/reward check every row (data.validation) before training, one Ray Data pass;
+    # bad rows go to RUN/quarantine/quarantine.parquet and are not trained on (ppo checks its
+    # prompt rows itself, into RUN/quarantine.parquet). false: skip the pass for data
+    # already validated (build-negatives' conversations) or too big to hold in the object store
+    # (the pass materializes the data once).
+    validate: bool = True
+    # Every worker gets the same rows in the same order on every run (Ray Data preserve_order,
+    # for the validation pass and the per-worker split). Needed for a resumed run to skip exactly
+    # the micro-batches it already trained on; false may stream a little faster on big clusters.
+    preserve_order: bool = True
 
 
 @dataclass(frozen=True)

@@ -106,7 +106,7 @@ def test_dpo_precomputed_reference_matches_live(ray_local, assets):
 
     # A resumed run (same model, data, max_length) reuses the folder instead of recomputing.
     stamp = (run / "ref_logps.json").stat().st_mtime_ns
-    ds = with_reference_logps(build_train_dataset(cfg, "dpo"), cfg, run.resolve())
+    ds = with_reference_logps(build_train_dataset(cfg, "dpo")[0], cfg, run.resolve())
     assert ds.count() == 60 and (run / "ref_logps.json").stat().st_mtime_ns == stamp
 
 

@@ -4,7 +4,11 @@
   re-run of the same run.dir resumes from the last checkpoint instead of starting over;
 - nsft on 2 DeepSpeed ZeRO-3 workers survives a worker killed mid-run (Ray Train restarts it from
   the last checkpoint) and exports the gathered ZeRO-3 weights;
-- nsft with the KL term (ZeRO-2) records two resident models.
+- nsft with the KL term (ZeRO-2) records two resident models;
+- sft over two files, one holding corrupted rows, trains on the good rows and writes the bad ones
+  to RUN/quarantine/quarantine.parquet with their reasons; the summary's counts add up;
+- nsft on 2 ZeRO-2 workers interrupted after its step-2 checkpoint and re-run continues at step 3
+  with the losses of an uninterrupted run (deterministic per-worker data order).
 """
 
 import json
@@ -17,7 +21,7 @@ import torch
 from nsft_ray.config import Config, WorldConfig, load_config
 from nsft_ray.models import build_tiny_vlm, generate, load_vlm
 from nsft_ray.negatives.pipeline import construct_rows
-from nsft_ray.schema import conversation_table, loads_meta
+from nsft_ray.schema import QUARANTINE_SCHEMA, conversation_table, loads_meta
 from nsft_ray.world import corpus, write_world
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
@@ -132,3 +136,79 @@ def test_negative_rows_keep_their_parent(assets):
     negatives = [r for r in rows if r["origin"] == "negative"]
     assert negatives and all(r["parent_id"] in parents for r in negatives)
     assert all(loads_meta(r["meta"]).get("constructor") for r in negatives)
+
+
+def _metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_sft_trains_on_the_valid_rows_and_quarantines_the_rest(ray_local, assets):
+    from nsft_ray.ray_glue.train import train
+
+    good = assets / "world" / "sft_train.parquet"
+    base = pq.read_table(good).to_pylist()[0]
+    bad = {  # id -> (reason the validator must give, the corrupted fields)
+        "bad-image": ("undecodable_image", {"image": b"\x89PNG but not really"}),
+        "bad-empty": ("bad_messages", {"messages": []}),
+        "bad-origin": ("bad_origin", {"origin": "positive"}),
+    }
+    rows = [{**base, "id": k, **fields} for k, (_, fields) in bad.items()]
+    rows.append({**base, "id": "ok-negative", "origin": "negative"})  # valid; not an sft origin
+    pq.write_table(conversation_table(rows), assets / "mixed.parquet")
+
+    run = assets / "sft_quarantine"
+    cfg = _cfg(assets, "sft_quarantine", f"train.data=[{good},{assets / 'mixed.parquet'}]",
+               "deepspeed.enabled=false", "train.max_steps=2", "train.micro_batch_size=2",
+               "train.export=false")
+    summary = train(cfg, "sft")
+    assert _steps(run) == [1, 2]
+    n_good = pq.read_metadata(good).num_rows
+    data = summary["data"]
+    assert data["read"] == n_good + len(rows) == data["valid"] + data["quarantined"]
+    assert data["quarantined"] == len(bad)
+    assert data["by_reason"] == {reason: 1 for reason, _ in bad.values()}
+    assert summary["rows"] == n_good  # the valid negative row is dropped by sft's origin filter
+    assert json.loads((run / "summary.json").read_text())["data"] == data
+
+    q = pq.read_table(run / "quarantine" / "quarantine.parquet")
+    assert q.schema.equals(QUARANTINE_SCHEMA) and data["quarantine"] == str(
+        (run / "quarantine" / "quarantine.parquet").resolve())
+    got = {r["id"]: r for r in q.to_pylist()}
+    assert {k: r["reason"] for k, r in got.items()} == {k: v[0] for k, v in bad.items()}
+    assert all(r["stage"] == "validate" and r["detail"] for r in got.values())
+
+
+def test_zero2_interrupted_run_resumes_with_the_uninterrupted_losses(ray_local, assets):
+    """Two 2-worker ZeRO-2 runs of 4 steps with the same config and seed: A runs through; B's
+    rank 0 dies after the step-2 checkpoint (max_failures=0: the run fails, as an interrupted
+    job would), then B is re-run as is. Its re-run resumes at step 3 from the checkpoint and must
+    give A's losses: same weights, optimizer and LR-schedule state, and the same rows per worker.
+
+    The data is 4 files: with several blocks read in parallel, Ray Data's block order (and so
+    each worker's rows) varied between runs until train.preserve_order (seen: 4 of 4 pairs of
+    runs with preserve_order=false differed from step 2 on).
+    """
+    import ray.train
+
+    from nsft_ray.ray_glue.train import train
+
+    table = pq.read_table(assets / "nsft.parquet")
+    shards = [assets / "shards" / f"part-{i}.parquet" for i in range(4)]
+    shards[0].parent.mkdir(exist_ok=True)
+    for i, path in enumerate(shards):
+        pq.write_table(table.slice(i * 24, 24), path)
+    common = (f"train.data=[{','.join(map(str, shards))}]", "deepspeed.stage=2",
+              "resources.num_workers=2", "train.micro_batch_size=2", "train.max_steps=4",
+              "train.checkpoint_every=2", "train.export=false")
+    train(_cfg(assets, "z2_a", *common), "nsft")
+    interrupted = _cfg(assets, "z2_b", *common, "train.crash_at_step=3", "train.max_failures=0")
+    with pytest.raises(ray.train.TrainingFailedError):
+        train(interrupted, "nsft")
+    run_b = assets / "z2_b"
+    assert (run_b / ".crashed_at_3").exists() and _steps(run_b) == [1, 2]
+    summary = train(interrupted, "nsft")  # the same command again: continues from step 2
+
+    a, b = _metrics(assets / "z2_a"), _metrics(run_b)
+    assert [m["step"] for m in b] == [1, 2, 3, 4] and summary["steps"] == 4
+    for key in ("nsft/loss", "nsft/negative_loss", "nsft/lr", "nsft/grad_norm"):
+        assert [m[key] for m in b] == pytest.approx([m[key] for m in a], rel=1e-5), key

@@ -18,7 +18,7 @@ from pathlib import Path
 import pyarrow as pa
 import ray
 
-from nsft_ray.config import Config
+from nsft_ray.config import Config, to_dict
 
 __all__ = ["ReferenceLogps", "with_reference_logps"]
 
@@ -49,7 +49,9 @@ def with_reference_logps(ds: ray.data.Dataset, cfg: Config, run_dir: Path) -> ra
     model = Path(cfg.model.name_or_path)
     key = {"model": str(model.resolve()) if model.exists() else cfg.model.name_or_path,
            "dtype": cfg.model.dtype, "max_length": cfg.train.max_length,
-           "data": [str(Path(p).resolve()) for p in cfg.train.data]}
+           "data": [str(Path(p).resolve()) for p in cfg.train.data],
+           # Other validation settings keep other rows: the folder must be recomputed.
+           "validation": to_dict(cfg.data.validation) if cfg.train.validate else None}
     done = json.loads(marker.read_text()) if marker.exists() else {}
     if done.get("key") != key or not out.is_dir():
         rows = ds.count()

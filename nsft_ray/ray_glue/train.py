@@ -6,13 +6,18 @@ same ``run.dir`` resumes from the latest checkpoint (Ray Train restores its chec
 from the storage folder); a worker that dies is restarted by Ray Train up to
 ``train.max_failures`` times and continues from the last checkpoint.
 
+Before training, every row of ``train.data`` is validated (``train.validate``, one Ray Data
+pass): bad rows go to RUN/quarantine/quarantine.parquet with their reason, the rest are trained
+on, and summary.json's ``data`` holds the counts (read == valid + quarantined).
+
 Run folder::
 
-    RUN/config.yaml  metrics.jsonl  metrics.csv  tb/  ray/  model/  summary.json
+    RUN/config.yaml  metrics.jsonl  metrics.csv  tb/  ray/  model/  quarantine/  summary.json
 """
 
 from __future__ import annotations
 
+import copy
 import csv
 import json
 import math
@@ -25,14 +30,29 @@ from typing import Any
 import ray
 import ray.train
 import torch
-from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.data.expressions import col
+from ray.train import (
+    Checkpoint,
+    CheckpointConfig,
+    DataConfig,
+    FailureConfig,
+    RunConfig,
+    ScalingConfig,
+)
 from ray.train.torch import TorchConfig, TorchTrainer
 
 from nsft_ray.algorithms import ALGORITHMS
 from nsft_ray.config import Config, from_dict, save_config, to_dict
 from nsft_ray.loop import Hooks, TorchEngine, TrainState, fit, make_optimizer, make_scheduler
+from nsft_ray.ray_glue.data import (
+    QUARANTINE_FILE,
+    read_conversations,
+    read_preferences,
+    validate_dataset,
+)
+from nsft_ray.validate import QuarantineCounts, summarize
 
-__all__ = ["train", "train_loop_per_worker", "build_train_dataset", "MetricsWriter"]
+__all__ = ["train", "train_loop_per_worker", "build_train_dataset", "row_kind", "MetricsWriter"]
 
 
 # ------------------------------------------------------------------------------------ driver side
@@ -50,21 +70,48 @@ def ensure_ray(address: str = "", num_cpus: int | None = None) -> None:
         ray.init(num_cpus=num_cpus, include_dashboard=False, runtime_env=env)
 
 
-def build_train_dataset(cfg: Config, algo: str) -> ray.data.Dataset:
-    """The training rows as a lazy Ray Dataset (never pulled into the driver)."""
+def row_kind(cfg: Config, algo: str) -> str:
+    """"conversation" for algorithms trained on conversation rows (sft, nsft), else "preference"."""
+    return "preference" if ALGORITHMS[algo].origins(cfg) is None else "conversation"
+
+
+def build_train_dataset(cfg: Config, algo: str,
+                        ) -> tuple[ray.data.Dataset, QuarantineCounts | None]:
+    """The training rows as a lazy Ray Dataset (never pulled into the driver), and their counts.
+
+    Every `train.data` path is read by the `data.format` reader for the algorithm's rows; with
+    `train.validate` the rows are checked in one Ray Data pass and the bad ones are written to
+    RUN/quarantine/quarantine.parquet (counts returned; None when validation is off). The origin
+    filter comes last, so a quarantined row is counted whatever its origin.
+    """
     if not cfg.train.data:
-        raise ValueError(f"train.data: give the Parquet file(s) to train {algo} on")
+        raise ValueError(f"train.data: give the file(s) or folder(s) to train {algo} on")
     missing = [p for p in cfg.train.data if not Path(p).exists()]
     if missing:
         raise FileNotFoundError(f"train.data: {missing[0]} does not exist")
-    ds = ray.data.read_parquet(list(cfg.train.data))
+    kind = row_kind(cfg, algo)
+    if kind == "preference" and cfg.train.origins:
+        raise ValueError(f"train.origins={list(cfg.train.origins)}: {algo} trains on preference "
+                         "rows, which have no origin; leave train.origins empty")
+    read = read_conversations if kind == "conversation" else read_preferences
+    parts = [read(p, cfg.data) for p in cfg.train.data]
+    for part in parts:
+        # Deterministic block order from the first read on (the validation pass materializes),
+        # so a resumed run sees its rows in the order the interrupted one did.
+        part.context.execution_options.preserve_order |= cfg.train.preserve_order
+    ds = parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
+    counts = None
+    if cfg.train.validate:
+        qdir = Path(cfg.run.dir).resolve() / "quarantine"
+        ds, counts = validate_dataset(ds, cfg.data.validation, kind, qdir)
+        print(f"train.data validated ({kind} rows; bad rows in {qdir / QUARANTINE_FILE}):\n"
+              f"{summarize(counts)}", flush=True)
     origins = cfg.train.origins or ALGORITHMS[algo].origins(cfg)
     if origins:  # conversation data; preference-row algorithms (origins None) take every row
-        keep = set(origins)
-        ds = ds.filter(lambda row: row["origin"] in keep)
+        ds = ds.filter(expr=col("origin").is_in(sorted(origins)))
     if cfg.train.materialize:
         ds = ds.materialize()  # small data only: a lazy pipeline re-reads the files every epoch
-    return ds
+    return ds, counts
 
 
 def train(cfg: Config, algo: str) -> dict:
@@ -76,14 +123,17 @@ def train(cfg: Config, algo: str) -> dict:
     run_dir = Path(cfg.run.dir).resolve()
     save_config(cfg, run_dir)
     ensure_ray(cfg.resources.address)
-    ds = build_train_dataset(cfg, algo)
+    ds, counts = build_train_dataset(cfg, algo)
+    rows = ds.count()
+    if rows == 0:
+        dropped = (f"{counts['quarantined']} quarantined, see {run_dir / 'quarantine'}; "
+                   if counts else "")
+        raise ValueError(f"train.data: no rows to train {algo} on ({dropped}after the origin "
+                         "filter)")
     if algo == "dpo" and cfg.dpo.precompute_ref:  # reference log-probs first: 1 model in training
         from nsft_ray.ray_glue.dpo import with_reference_logps
 
-        ds = with_reference_logps(ds, cfg, run_dir)
-    rows = ds.count()
-    if rows == 0:
-        raise ValueError(f"train.data: no rows to train {algo} on (after the origin filter)")
+        ds = with_reference_logps(ds, cfg, run_dir)  # checks that every row comes back once
     per_step = cfg.train.micro_batch_size * cfg.train.grad_accum * cfg.resources.num_workers
     total_steps = cfg.train.max_steps or max(1, math.floor(cfg.train.epochs * rows / per_step))
 
@@ -103,6 +153,7 @@ def train(cfg: Config, algo: str) -> dict:
             failure_config=FailureConfig(max_failures=cfg.train.max_failures),
         ),
         datasets={"train": ds},
+        dataset_config=DataConfig(execution_options=_ingest_options(cfg.train.preserve_order)),
     )
     start = time.perf_counter()
     result = trainer.fit()
@@ -112,6 +163,8 @@ def train(cfg: Config, algo: str) -> dict:
     summary = {
         "algo": algo,
         "rows": rows,
+        "data": ({**counts, "quarantine": str(run_dir / "quarantine" / QUARANTINE_FILE)}
+                 if counts else None),
         "steps": total_steps,
         "train_seconds": round(seconds, 2),
         "samples_per_s": _mean([m[f"{algo}/samples_per_s"] for m in train_metrics]),
@@ -135,6 +188,21 @@ def train(cfg: Config, algo: str) -> dict:
             batch_size=cfg.reward.eval_batch_size, device="cuda" if use_gpu else "cpu"))
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
+
+
+def _ingest_options(preserve_order: bool) -> ray.data.ExecutionOptions:
+    """The driver's Ray Data execution options (as Ray Train's default), fixed row order if asked.
+
+    Without preserve_order the streaming split hands blocks to whichever worker asks first (and
+    prefers local ones), so which rows a worker sees, and in what order, varies between runs; a
+    resumed run then skips the wrong micro-batches and losses stop being reproducible.
+    """
+    # A copy, not DataConfig.default_ingest_options(): that passes the deprecated
+    # exclude_resources to ExecutionOptions and warns on every run.
+    options = copy.deepcopy(ray.data.DataContext.get_current().execution_options)
+    if preserve_order:
+        options.preserve_order = True
+    return options
 
 
 def _mean(xs: list[float]) -> float:
