@@ -57,6 +57,9 @@ __all__ = ["train", "train_loop_per_worker", "build_train_dataset", "row_kind", 
 
 # ------------------------------------------------------------------------------------ driver side
 
+REPORT_POLL_ENV = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
+REPORT_POLL_S = "0.2"
+
 
 def ensure_ray(address: str = "", num_cpus: int | None = None) -> None:
     """Connect to `address` (or RAY_ADDRESS); otherwise start an embedded local Ray."""
@@ -66,7 +69,12 @@ def ensure_ray(address: str = "", num_cpus: int | None = None) -> None:
     if address:  # a cluster (or a Ray job): its runtime env, set at submission, applies
         ray.init(address=address)
     else:
-        env = {"env_vars": {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}}
+        # Ray Train's controller collects a worker's `ray.train.report` only when it polls (every
+        # 2 s by default) and the worker blocks until then: poll faster on the embedded Ray, where
+        # short steps would otherwise wait up to 2 s per report (measured: benchmarks/README.md).
+        poll = os.environ.setdefault(REPORT_POLL_ENV, REPORT_POLL_S)
+        env = {"env_vars": {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+                            REPORT_POLL_ENV: poll}}
         ray.init(num_cpus=num_cpus, include_dashboard=False, runtime_env=env)
 
 
