@@ -355,6 +355,13 @@ class DemoConfig:
 
     base_steps: int = 600  # optimizer steps of base SFT on the world's SFT conversations
     base_lr: float = 2e-3
+    # Curriculum before base SFT: this many steps (0: none) at base_lr on a world of scenes with
+    # at most `curriculum_max_objects` objects (its own seed and folder, world_curriculum/).
+    # A tiny VLM trained from scratch on the full world learns language and ignores the image for
+    # thousands of steps; one object per scene makes grounding a one-step lookup (see README).
+    curriculum_steps: int = 0
+    curriculum_max_objects: int = 1
+    curriculum_images: int = 1200  # train images of that world (1 object: ~1,550 distinct scenes)
     policy_negatives: bool = True  # sample rejected answers from the base model (on-policy)
     sampler_actors: int = 2  # Ray actors sampling the policy in parallel (1 CPU each)
 

@@ -1,6 +1,7 @@
 """`make demo`: the miniature RLHF-vs-nSFT experiment end to end on an embedded local Ray.
 
-    world ─► init tiny VLM ─► base SFT ─► on-policy negatives (sampled from base)
+    world ─► init tiny VLM ─► [curriculum: one-object scenes] ─► base SFT
+          ─► on-policy negatives (sampled from base)
           ─► build-negatives ─► compare: base, sft, nsft, dpo, ppo from the same base ─► report
 
 Everything goes under OUT (default runs/demo): world/, prefs/, negatives/, runs/<method>-seed<s>/
@@ -58,11 +59,28 @@ def run_demo(out: Path, cfg: Config) -> dict:
         timed("init", lambda: build_tiny_vlm(
             init, corpus(cfg.world, n=4000, seed=cfg.run.seed), size=cfg.model.size,
             arch=cfg.model.arch, image_size=cfg.world.image_size, seed=cfg.run.seed))
+    start_from = init
+    if cfg.demo.curriculum_steps:  # single-object scenes first: grounding before language
+        curriculum = models / "curriculum"
+        if _stage("base SFT, curriculum (few-object scenes)", curriculum):
+            cworld = out / "world_curriculum"
+            wcfg = dataclasses.replace(
+                cfg.world, min_objects=1, max_objects=cfg.demo.curriculum_max_objects,
+                n_train=cfg.demo.curriculum_images, n_eval=min(cfg.world.n_eval, 60))
+            timed("curriculum_world", lambda: write_world(wcfg, cworld, seed=cfg.run.seed + 1))
+            crun = out / "runs" / "curriculum"
+            timed("curriculum", lambda: train(_with(
+                cfg, run={"dir": str(crun)}, model={"name_or_path": str(init)},
+                train={"data": (str(cworld / "sft_train.parquet"),),
+                       "max_steps": cfg.demo.curriculum_steps},
+                optim={"lr": cfg.demo.base_lr, "schedule": "constant"}), "sft"))
+            shutil.copytree(crun / "model", curriculum)
+        start_from = curriculum
     base = models / "base"
     if _stage("base SFT", base):
         base_run = out / "runs" / "base"
         timed("base", lambda: train(_with(
-            cfg, run={"dir": str(base_run)}, model={"name_or_path": str(init)},
+            cfg, run={"dir": str(base_run)}, model={"name_or_path": str(start_from)},
             train={"data": (str(world / "sft_train.parquet"),), "max_steps": cfg.demo.base_steps},
             optim={"lr": cfg.demo.base_lr}), "sft"))
         shutil.copytree(base_run / "model", base)
