@@ -46,6 +46,8 @@ from nsft_ray.collate import encode_prompt
 
 __all__ = [
     "CHAT_TEMPLATE",
+    "FREEZABLE",
+    "freeze",
     "VALUE_HEAD_FILE",
     "build_tiny_vlm",
     "load_vlm",
@@ -279,6 +281,44 @@ def load_vlm(
     model = AutoModelForImageTextToText.from_pretrained(name, dtype=DTYPES[dtype]).to(device)
     processor = AutoProcessor.from_pretrained(name)
     return model.eval(), processor
+
+
+# model.freeze parts -> where Idefics3, LLaVA and Qwen2-VL keep them (the first path that exists).
+FREEZABLE = {
+    "vision": ("model.vision_model", "model.vision_tower", "model.visual"),
+    "connector": ("model.connector", "model.multi_modal_projector", "model.visual.merger"),
+}
+
+
+def freeze(model: nn.Module, parts: tuple[str, ...] | list[str]) -> int:
+    """Stop training `parts` of a VLM ("vision": the vision tower, "connector": the projector).
+
+    Sets requires_grad=False (optimizers are built from trainable parameters only); returns the
+    number of parameters frozen. Qwen2-VL keeps its merger inside the vision tower, so "vision"
+    freezes it too.
+    """
+    frozen = 0
+    for part in parts:
+        if part not in FREEZABLE:
+            raise ValueError(f"model.freeze: unknown part {part!r}; expected some of "
+                             f"{', '.join(FREEZABLE)}")
+        module = next((m for m in (_submodule(model, path) for path in FREEZABLE[part])
+                       if m is not None), None)
+        if module is None:
+            raise ValueError(f"model.freeze: {type(model).__name__} has no {part} module (looked "
+                             f"for {', '.join(FREEZABLE[part])})")
+        for p in module.parameters():
+            if p.requires_grad:
+                p.requires_grad_(False)
+                frozen += p.numel()
+    return frozen
+
+
+def _submodule(model: nn.Module, path: str) -> nn.Module | None:
+    try:
+        return model.get_submodule(path)
+    except AttributeError:
+        return None
 
 
 def param_count(model: nn.Module) -> int:

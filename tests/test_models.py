@@ -320,3 +320,40 @@ def test_vllm_cpu_greedy_matches_transformers(tmp_path):
     vllm_ids = json.loads(lines[0][len("RESULT "):])
     print("transformers:", hf.tolist(), "\nvllm:        ", vllm_ids)
     assert vllm_ids == hf.tolist()
+
+
+@pytest.mark.parametrize("arch", ["idefics3", "llava"])
+def test_freeze_vision_and_connector(tmp_path, arch):
+    from nsft_ray.models import freeze
+
+    model, processor = load_vlm(build_tiny_vlm(tmp_path / arch, CORPUS, arch=arch))
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    vision = "vision_model" if arch == "idefics3" else "vision_tower"
+    connector = "connector" if arch == "idefics3" else "multi_modal_projector"
+    frozen = freeze(model, ["vision", "connector"])
+    expected = sum(p.numel() for n, p in model.named_parameters() if vision in n or connector in n)
+    assert frozen == expected > 0
+    assert freeze(model, ["vision"]) == 0  # already frozen
+    rows = [{"id": "r0", "image": picture(), "messages": [
+        {"role": "user", "content": "Is there a red circle in the picture?"},
+        {"role": "assistant", "content": "Yes, there is a red circle."}]}]
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    model.train()
+    model(**Collator(processor, max_length=128)(rows)).loss.backward()
+    opt.step()
+    for n, p in model.named_parameters():
+        changed = not torch.equal(p, before[n])
+        if vision in n or connector in n:
+            assert not p.requires_grad and not changed, n
+    assert any(not torch.equal(p, before[n]) for n, p in model.named_parameters()
+               if "lm_head" in n)  # the language side still trains
+
+
+def test_freeze_errors_name_the_part(tiny):
+    from nsft_ray.models import freeze
+
+    model, _ = load_vlm(tiny[0])  # a fresh copy: the fixture's model stays trainable
+    with pytest.raises(ValueError, match="unknown part 'eyes'.*vision, connector"):
+        freeze(model, ["eyes"])
+    with pytest.raises(ValueError, match="Linear has no vision module"):
+        freeze(torch.nn.Linear(2, 2), ["vision"])

@@ -130,6 +130,21 @@ def test_nsft_with_kl_keeps_two_models(ray_local, assets):
     assert last["nsft/kl_loss"] >= 0.0  # k3 is non-negative
 
 
+def test_zero2_with_a_frozen_vision_tower_trains_only_the_rest(ray_local, assets):
+    from nsft_ray.ray_glue.train import train
+
+    cfg = _cfg(assets, "sft_frozen", f"train.data=[{assets / 'world' / 'sft_train.parquet'}]",
+               "deepspeed.stage=2", "train.max_steps=2", "model.freeze=[vision,connector]")
+    train(cfg, "sft")
+    model, _ = load_vlm(assets / "sft_frozen" / "model")
+    base, _ = load_vlm(assets / "base")
+    trained = dict(base.named_parameters())
+    changed = {n: not torch.equal(p, trained[n]) for n, p in model.named_parameters()}
+    frozen = [n for n in changed if ".vision_model." in n or ".connector." in n]
+    assert frozen and not any(changed[n] for n in frozen)
+    assert any(changed[n] for n in changed if n not in frozen)
+
+
 def test_negative_rows_keep_their_parent(assets):
     rows = pq.read_table(assets / "nsft.parquet").to_pylist()
     parents = {r["id"] for r in pq.read_table(assets / "world" / "pref_train.parquet").to_pylist()}

@@ -38,9 +38,11 @@ def frozen_copy(model: nn.Module) -> nn.Module:
 
 
 def load_policy(cfg: Config) -> tuple[nn.Module, Any]:
-    from nsft_ray.models import load_vlm
+    from nsft_ray.models import freeze, load_vlm
 
-    return load_vlm(cfg.model.name_or_path, dtype=cfg.model.dtype)
+    model, processor = load_vlm(cfg.model.name_or_path, dtype=cfg.model.dtype)
+    freeze(model, cfg.model.freeze)
+    return model, processor
 
 
 def save_policy(module: nn.Module, processor: Any, out: Path, state_dict: dict | None) -> None:
