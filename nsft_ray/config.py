@@ -123,9 +123,9 @@ class ModelConfig:
     arch: Literal["idefics3", "llava"] = "idefics3"  # for init-model only
     size: Literal["tiny", "small"] = "tiny"  # for init-model only
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-    # Parts not trained by sft/nsft/dpo: "vision" (the vision tower), "connector" (the projector),
-    # e.g. [vision] as in LLaVA's second stage. On the from-scratch tiny VLM, freezing both let a
-    # lookup ("What color is the circle at the top left?") be learned that a trained tower blocked.
+    # Parts not trained by sft, nsft, dpo and PPO's actor: "vision" (the vision tower),
+    # "connector" (the projector), e.g. [vision] as in LLaVA's second stage. On the from-scratch
+    # tiny VLM, freezing both let the base learn to see, which a trained tower blocked (README).
     freeze: tuple[str, ...] = ()
 
 

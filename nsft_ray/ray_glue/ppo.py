@@ -149,7 +149,7 @@ class _Roles:
 
         self.by_role = {
             "actor": spawn("actor", ActorRole, model, dtype, ppo, cfg.optim, steps("actor"),
-                           seed),
+                           seed, cfg.model.freeze),
             "critic": spawn("critic", CriticRole, critic_path, critic_from_actor, dtype, ppo,
                             cfg.optim, steps("critic"), seed),
             "reward": spawn("reward", RewardRole, ppo.reward, ppo.reward_model, dtype, cfg.world),

@@ -49,7 +49,7 @@ from nsft_ray.algorithms.reward_rules import rule_rewards
 from nsft_ray.collate import decode_image, to_chat
 from nsft_ray.config import OptimConfig, PPOConfig, WorldConfig
 from nsft_ray.loop import make_optimizer, make_scheduler, peak_memory_bytes
-from nsft_ray.models import VLMWithValueHead, load_value_model, load_vlm
+from nsft_ray.models import VLMWithValueHead, freeze, load_value_model, load_vlm
 
 __all__ = ["ActorRole", "CriticRole", "HFEngine", "ReferenceRole", "RewardRole", "VLLMEngine"]
 
@@ -170,10 +170,11 @@ class ActorRole(_Trainable):
     loss_fn = staticmethod(actor_loss)
 
     def __init__(self, model_path: str, dtype: str, ppo: PPOConfig, optim: OptimConfig,
-                 total_steps: int, seed: int):
+                 total_steps: int, seed: int, freeze_parts: tuple[str, ...] = ()):
         torch.manual_seed(seed)
         self.ppo = ppo
         self.model, self.processor = load_vlm(model_path, dtype=dtype, device=str(_device()))
+        freeze(self.model, freeze_parts)  # model.freeze: as for sft, nsft and dpo
         self._setup_optim(optim, optim.lr, total_steps)
         self.transfers: list = []
 
