@@ -48,6 +48,7 @@ __all__ = [
     "CHAT_TEMPLATE",
     "FREEZABLE",
     "freeze",
+    "part_module",
     "VALUE_HEAD_FILE",
     "build_tiny_vlm",
     "load_vlm",
@@ -302,16 +303,21 @@ def freeze(model: nn.Module, parts: tuple[str, ...] | list[str]) -> int:
         if part not in FREEZABLE:
             raise ValueError(f"model.freeze: unknown part {part!r}; expected some of "
                              f"{', '.join(FREEZABLE)}")
-        module = next((m for m in (_submodule(model, path) for path in FREEZABLE[part])
-                       if m is not None), None)
-        if module is None:
-            raise ValueError(f"model.freeze: {type(model).__name__} has no {part} module (looked "
-                             f"for {', '.join(FREEZABLE[part])})")
-        for p in module.parameters():
+        for p in part_module(model, part).parameters():
             if p.requires_grad:
                 p.requires_grad_(False)
                 frozen += p.numel()
     return frozen
+
+
+def part_module(model: nn.Module, part: str) -> nn.Module:
+    """The module of a VLM that holds `part` ("vision" or "connector"), by FREEZABLE's paths."""
+    module = next((m for m in (_submodule(model, path) for path in FREEZABLE[part])
+                   if m is not None), None)
+    if module is None:
+        raise ValueError(f"model.freeze: {type(model).__name__} has no {part} module (looked "
+                         f"for {', '.join(FREEZABLE[part])})")
+    return module
 
 
 def _submodule(model: nn.Module, path: str) -> nn.Module | None:

@@ -43,9 +43,9 @@ from nsft_ray.world.render import PALETTE
 
 CFG = WorldConfig()
 VOCAB = Vocabulary.from_config(CFG)
-SMALL = WorldConfig(n_train=24, n_eval=8, questions_per_image=5, pairs_per_image=3)
-FILES = ("sft_train.parquet", "sft_eval.parquet", "pref_train.parquet", "pref_eval.parquet",
-         "world.json")
+SMALL = WorldConfig(n_train=24, n_val=6, n_eval=8, questions_per_image=5, pairs_per_image=3)
+SPLIT_NAMES = ("train", "val", "eval")
+FILES = (*(f"{k}_{s}.parquet" for k in ("sft", "pref") for s in SPLIT_NAMES), "world.json")
 # The grammar's example scene.
 EXAMPLE = Scene("striped", (
     Obj("square", "green", "small", "bottom"),
@@ -208,24 +208,28 @@ def test_write_world_deterministic_disjoint_and_schema(tmp_path):
     assert ha == hb
     assert all(ha[f] != hc[f] for f in FILES)
     assert a == json.loads((tmp_path / "a" / "world.json").read_text())
-    assert a["splits"]["train"]["images"] == 24 and a["splits"]["eval"]["images"] == 8
+    assert [a["splits"][s]["images"] for s in SPLIT_NAMES] == [24, 6, 8]
     assert a["shared_images"] == 0
 
-    tables = {f: pq.read_table(tmp_path / "a" / f) for f in FILES[:4]}
+    tables = {f: pq.read_table(tmp_path / "a" / f) for f in FILES[:-1]}
     assert tables["sft_train.parquet"].schema.equals(CONVERSATION_SCHEMA)
     assert tables["pref_eval.parquet"].schema.equals(PREFERENCE_SCHEMA)
-    sft = {s: tables[f"sft_{s}.parquet"].to_pylist() for s in ("train", "eval")}
-    pref = {s: tables[f"pref_{s}.parquet"].to_pylist() for s in ("train", "eval")}
-    assert len(sft["train"]) == 2 * 24 and len(pref["train"]) == 3 * 24
+    sft = {s: tables[f"sft_{s}.parquet"].to_pylist() for s in SPLIT_NAMES}
+    pref = {s: tables[f"pref_{s}.parquet"].to_pylist() for s in SPLIT_NAMES}
+    # caption + multi-turn QA + existence_per_image single-turn existence conversations
+    assert len(sft["train"]) == (2 + SMALL.existence_per_image) * 24
+    assert len(pref["train"]) == 3 * 24
     image_sets = {s: {hashlib.sha256(r["image"]).hexdigest() for r in sft[s]} for s in sft}
-    assert len(image_sets["train"]) == 24 and len(image_sets["eval"]) == 8
-    assert not image_sets["train"] & image_sets["eval"]
+    assert [len(image_sets[s]) for s in SPLIT_NAMES] == [24, 6, 8]
+    for i, x in enumerate(SPLIT_NAMES):  # no image in two splits
+        for y in SPLIT_NAMES[i + 1:]:
+            assert not image_sets[x] & image_sets[y]
     assert {hashlib.sha256(r["image"]).hexdigest() for r in pref["eval"]} <= image_sets["eval"]
     ids = [r["id"] for rows in (*sft.values(), *pref.values()) for r in rows]
     assert len(ids) == len(set(ids))
 
     kinds = Counter()
-    for split in ("train", "eval"):
+    for split in SPLIT_NAMES:
         for r in sft[split]:
             meta = json.loads(r["meta"])
             scene = Scene.from_dict(meta["scene"])
@@ -237,10 +241,10 @@ def test_write_world_deterministic_disjoint_and_schema(tmp_path):
             assert len(qs) in (1, SMALL.questions_per_image)
             for q, m in zip(qs, r["messages"][1::2], strict=True):
                 assert answer_errors(q, m["content"], scene, VOCAB) == []
-            exist = {answer(q, scene) for q in qs if q.kind == "existence"}
-            if r["id"].endswith("-qa"):
-                assert any(a in ("yes",) or a.startswith("Yes") for a in exist)
-                assert any(a in ("no",) or a.startswith("No") for a in exist)
+            # existence questions stand alone, one per conversation, as a POPE probe does
+            kinds_here = [q.kind for q in qs]
+            assert ("existence" in kinds_here) == ("-exist" in r["id"])
+            assert kinds_here == ["existence"] or "existence" not in kinds_here
         for r in pref[split]:
             meta = json.loads(r["meta"])
             scene, q = Scene.from_dict(meta["scene"]), Question.from_dict(meta["question"])
@@ -251,7 +255,7 @@ def test_write_world_deterministic_disjoint_and_schema(tmp_path):
             assert meta["error_kinds"] == answer_errors(q, r["rejected"], scene, VOCAB)
             kinds[meta["error_kind"]] += 1
     assert sum(kinds.values()) == sum(sum(a["splits"][s]["error_kinds"].values())
-                                      for s in ("train", "eval"))
+                                      for s in SPLIT_NAMES)
 
 
 def _fake_policy(rows):
@@ -315,5 +319,53 @@ def test_policy_rejections_with_fake_sampler(tmp_path):
         assert [r["id"] for r in table] == [r["id"] for r in split_rows]  # none dropped
         origins = Counter(json.loads(r["meta"])["rejected_from"] for r in table)
         assert summary["splits"][split]["rejected_from"] == dict(origins)
-        assert origins["policy"] > 0 and origins["synthetic_fallback"] > 0
         assert sum(origins.values()) == len(split_rows)
+        if split == "train":  # only train's preference rows are trained on: only they sample
+            assert origins["policy"] > 0 and origins["synthetic_fallback"] > 0
+        else:
+            assert set(origins) == {"synthetic"}
+
+
+def test_existence_questions_are_independent_and_partly_adversarial():
+    """Fails if an image's existence answers are tied to each other (the old plan: always one
+    yes and one no, the second answerable from the first), if yes and no are not balanced, or if
+    the "no" questions never (or always) ask about the absent object POPE's adversarial split
+    would pick."""
+    from nsft_ray.world.language import absent_objects, similarity
+
+    cfg = WorldConfig(n_train=600, existence_per_image=2, adversarial_absent_fraction=0.5)
+    sft, _ = build_split(cfg, 0, "train")
+    per_image: dict[str, list[bool]] = {}
+    no_adversarial = []
+    for r in sft:
+        if "-exist" not in r["id"]:
+            continue
+        meta = r["meta"]
+        scene, (q,) = Scene.from_dict(meta["scene"]), [Question.from_dict(x)
+                                                        for x in meta["questions"]]
+        present = scene.find(q.shape, q.color) is not None
+        per_image.setdefault(meta["image_index"], []).append(present)
+        if not present:
+            absent = absent_objects(scene, cfg)
+            top = max(similarity(a, scene) for a in absent)
+            no_adversarial.append(similarity((q.color, q.shape), scene) == top)
+    pairs = list(per_image.values())
+    assert all(len(p) == 2 for p in pairs) and len(pairs) == 600
+    yes = sum(a for p in pairs for a in p) / 1200
+    assert 0.45 < yes < 0.55
+    # Independent answers: both-yes, both-no and mixed images all occur, near 1/4, 1/4, 1/2.
+    both = Counter(tuple(p) for p in pairs)
+    assert both[(True, True)] > 100 and both[(False, False)] > 100
+    # Half the "no" questions pick a top-similarity absent object, plus the uniform draws that
+    # hit one by chance: clearly above the uniform rate and below 1.
+    uniform = WorldConfig(n_train=600, adversarial_absent_fraction=0.0)
+    base_rate = []
+    for r in build_split(uniform, 0, "train")[0]:
+        if "-exist" in r["id"]:
+            scene = Scene.from_dict(r["meta"]["scene"])
+            q = Question.from_dict(r["meta"]["questions"][0])
+            if scene.find(q.shape, q.color) is None:
+                top = max(similarity(a, scene) for a in absent_objects(scene, uniform))
+                base_rate.append(similarity((q.color, q.shape), scene) == top)
+    rate, rate0 = (sum(x) / len(x) for x in (no_adversarial, base_rate))
+    assert rate0 + 0.2 < rate < 1.0

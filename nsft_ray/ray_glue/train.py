@@ -117,6 +117,10 @@ def build_train_dataset(cfg: Config, algo: str,
     origins = cfg.train.origins or ALGORITHMS[algo].origins(cfg)
     if origins:  # conversation data; preference-row algorithms (origins None) take every row
         ds = ds.filter(expr=col("origin").is_in(sorted(origins)))
+    if cfg.train.shuffle:
+        # A full shuffle seeded by run.seed, so another seed trains on the rows in another order
+        # (the workers' local shuffle buffer alone only mixes neighbouring rows of file order).
+        ds = ds.random_shuffle(seed=cfg.run.seed)
     if cfg.train.materialize:
         ds = ds.materialize()  # small data only: a lazy pipeline re-reads the files every epoch
     return ds, counts

@@ -1,9 +1,10 @@
 """Build ShapesWorld datasets: SFT conversations and preference pairs per split, as Parquet.
 
 Every image i of split s draws from its own stream random.Random("shapesworld/{seed}/{s}/{i}"),
-so the output is a pure function of (config, seed). Train and eval never share an image: a
+so the output is a pure function of (config, seed). Train, val and eval never share an image: a
 scene belongs to the split `split_of(scene)` names (by hash), and each split keeps only its own
-(redrawing scenes it already holds, so images are also unique within a split).
+(redrawing scenes it already holds, so images are also unique within a split). Val is where
+designs and hyper-parameters are chosen; eval is only for the reported results.
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ from nsft_ray.world.scene import Scene, sample_scene, split_of
 
 __all__ = ["SPLITS", "Sampler", "build_split", "policy_rejections", "write_world"]
 
-SPLITS = ("train", "eval")
+SPLITS = ("train", "val", "eval")
 SOURCE_SYNTHETIC = "shapesworld/synthetic"
 SOURCE_POLICY = "shapesworld/policy"
 MAX_DRAWS = 10_000  # scene draws per image before a too-small vocabulary is reported
@@ -57,15 +58,13 @@ def _scene_for(rng: random.Random, cfg: WorldConfig, split: str, seen: set[Scene
                      f"too small for {len(seen)}+ distinct images")
 
 
-def _qa_plan(rng: random.Random, n: int) -> list[tuple[str, bool | None]]:
-    """n (kind, existence answer) pairs: a yes and a no existence question, then other kinds."""
-    others = [(k, None) for k in QA_KINDS[1:]]
-    rng.shuffle(others)
-    plan = [("existence", True), ("existence", False)] + others
-    plan += [(rng.choice(QA_KINDS), None) for _ in range(n - len(plan))]
-    plan = plan[:n]
-    rng.shuffle(plan)
-    return plan
+def _qa_plan(rng: random.Random, n: int) -> list[str]:
+    """n question kinds for the multi-turn QA conversation: every kind but existence once (in a
+    random order), then random ones. Existence questions get conversations of their own."""
+    kinds = [k for k in QA_KINDS if k != "existence"]
+    plan = rng.sample(kinds, len(kinds))
+    plan += [rng.choice(kinds) for _ in range(n - len(plan))]
+    return plan[:n]
 
 
 def _image_rows(
@@ -87,11 +86,19 @@ def _image_rows(
                 "origin": "sft", "error_kinds": [],
                 "meta": {**meta, "questions": [q.to_dict() for q in questions]}}
 
-    qa = [sample_question(scene, rng, cfg, kind, rng.random() < cfg.short_answer_fraction, yes)
-          for kind, yes in _qa_plan(rng, cfg.questions_per_image)]
+    def short() -> bool:
+        return rng.random() < cfg.short_answer_fraction
+
+    qa = [sample_question(scene, rng, cfg, kind, short())
+          for kind in _qa_plan(rng, cfg.questions_per_image)]
     sft = [conversation("caption", [Question("caption")])]
     if qa:
         sft.append(conversation("qa", qa))
+    # One question per conversation, answered yes or no by an independent coin: what a POPE
+    # probe looks like, and nothing in the conversation gives the answer away.
+    for j in range(cfg.existence_per_image):
+        q = sample_question(scene, rng, cfg, "existence", short(), rng.random() < 0.5)
+        sft.append(conversation(f"exist{j}", [q]))
 
     pref = []
     for j in range(cfg.pairs_per_image):
@@ -122,7 +129,7 @@ def build_split(cfg: WorldConfig, seed: int, split: str) -> tuple[list[dict], li
             f"world.short_answer_fraction ({cfg.short_answer_fraction}) must not exceed 1"
         )
     vocab = Vocabulary.from_config(cfg)
-    n = cfg.n_train if split == "train" else cfg.n_eval
+    n = {"train": cfg.n_train, "val": cfg.n_val, "eval": cfg.n_eval}[split]
     sft, pref, seen = [], [], set()
     for i in tqdm(range(n), desc=f"shapesworld {split}", unit="img"):
         s, p = _image_rows(cfg, seed, split, i, vocab, seen)
@@ -177,10 +184,12 @@ def _histogram(values: Iterable[str]) -> dict[str, int]:
 def write_world(
     cfg: WorldConfig, out: str | Path, seed: int, sampler: Sampler | None = None
 ) -> dict[str, Any]:
-    """Write sft_{train,eval}.parquet, pref_{train,eval}.parquet and world.json under `out`.
+    """Write sft_{split}.parquet and pref_{split}.parquet for train, val and eval, and world.json.
 
-    With cfg.negatives == "policy", both splits' rejections come from `sampler` (with synthetic
-    fallbacks, counted in world.json). Returns the world.json summary.
+    With cfg.negatives == "policy", the train split's rejections come from `sampler` (with
+    synthetic fallbacks, counted in world.json); val and eval keep synthetic ones (only train's
+    preference rows are trained on, and sampling the others would cost time for nothing).
+    Returns the world.json summary.
     """
     if cfg.negatives == "policy" and sampler is None:
         raise ValueError("world.negatives=policy needs a sampler (a policy checkpoint)")
@@ -191,7 +200,7 @@ def write_world(
     hashes = {}
     for split in SPLITS:
         sft, pref = build_split(cfg, seed, split)
-        if cfg.negatives == "policy":
+        if cfg.negatives == "policy" and split == "train":
             order = {r["id"]: n for n, r in enumerate(pref)}
             kept, unused = policy_rejections(pref, sampler, cfg.policy_samples, vocab,
                                              cfg.policy_batch_size)
@@ -206,6 +215,8 @@ def write_world(
             "error_kinds": _histogram(r["meta"]["error_kind"] for r in pref),
             "rejected_from": _histogram(r["meta"]["rejected_from"] for r in pref),
         }
-    summary["shared_images"] = len(hashes["train"] & hashes["eval"])
+    # Images any two splits have in common: 0 by construction (split_of), checked on the output.
+    summary["shared_images"] = sum(len(hashes[a] & hashes[b])
+                                   for i, a in enumerate(SPLITS) for b in SPLITS[i + 1:])
     (out / "world.json").write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
     return summary

@@ -15,7 +15,8 @@ from nsft_ray.world.scene import POSITIONS, Obj, Scene, sample_scene
 
 __all__ = [
     "NUMBER_WORDS", "CAPTION_PROMPT", "QA_KINDS", "ERROR_KINDS", "Question", "caption",
-    "question_text", "truth", "answer_text", "answer", "sample_question", "parse_short",
+    "question_text", "truth", "answer_text", "answer", "sample_question", "absent_objects",
+    "similarity", "parse_short",
     "corrupt", "corpus",
 ]
 
@@ -153,10 +154,13 @@ def sample_question(
     if kind == "existence":
         if present is None:
             present = rng.random() < 0.5
-        absent = [(c, s) for s in cfg.shapes for c in cfg.colors if scene.find(s, c) is None]
+        absent = absent_objects(scene, cfg)
         if present or not absent:
             o = rng.choice(scene.objects)
             return Question(kind, o.shape, o.color, short=short)
+        if rng.random() < cfg.adversarial_absent_fraction:
+            most = max(similarity(a, scene) for a in absent)
+            absent = [a for a in absent if similarity(a, scene) == most]
         c, s = rng.choice(absent)
         return Question(kind, s, c, short=short)
     if kind == "count":
@@ -169,6 +173,17 @@ def sample_question(
     if kind in ("size", "position"):
         return Question(kind, o.shape, o.color, short=short)
     raise ValueError(f"question kind {kind!r}: expected caption or one of {QA_KINDS}")
+
+
+def absent_objects(scene: Scene, cfg: WorldConfig) -> list[tuple[str, str]]:
+    """Every (color, shape) pair of the vocabulary that is not in the scene."""
+    return [(c, s) for s in cfg.shapes for c in cfg.colors if scene.find(s, c) is None]
+
+
+def similarity(combo: tuple[str, str], scene: Scene) -> int:
+    """How many objects of the scene share the colour or the shape of `combo` (POPE's
+    adversarial negatives are the absent objects that maximise it)."""
+    return sum(combo[0] == o.color or combo[1] == o.shape for o in scene.objects)
 
 
 def parse_short(q: Question, text: str, vocab: Any) -> Any:
@@ -231,7 +246,7 @@ def corrupt(
 def _corrupt_caption(scene: Scene, rng: random.Random, cfg: WorldConfig) -> tuple[str, str]:
     objs = list(scene.objects)
     empty = [p for p in POSITIONS if scene.at(p) is None]
-    absent = [(c, s) for s in cfg.shapes for c in cfg.colors if scene.find(s, c) is None]
+    absent = absent_objects(scene, cfg)
     kinds = ["attribute", "count", "scene"] + (["existence", "spatial"] if empty else [])
     kind = rng.choice(kinds)
     if kind == "scene":

@@ -22,7 +22,8 @@ POSITIONS = (
     "left", "center", "right",
     "bottom left", "bottom", "bottom right",
 )
-EVAL_BUCKETS = 10  # one scene in EVAL_BUCKETS (by hash) belongs to the eval split
+# Of every SPLIT_BUCKETS scenes (by hash), one belongs to eval, one to val, the rest to train.
+SPLIT_BUCKETS = 10
 
 
 @dataclass(frozen=True)
@@ -104,6 +105,7 @@ def sample_scene(rng: random.Random, cfg: WorldConfig) -> Scene:
 
 
 def split_of(scene: Scene) -> str:
-    """'eval' or 'train', fixed by the scene's content, so the splits can never share a scene."""
+    """'train', 'val' or 'eval', fixed by the scene's content, so no two splits share a scene."""
     digest = hashlib.sha256(scene.key().encode()).digest()
-    return "eval" if int.from_bytes(digest[:8], "big") % EVAL_BUCKETS == 0 else "train"
+    bucket = int.from_bytes(digest[:8], "big") % SPLIT_BUCKETS
+    return {0: "eval", 1: "val"}.get(bucket, "train")
