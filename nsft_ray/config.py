@@ -33,6 +33,7 @@ __all__ = [
     "CompareConfig",
     "DeepSpeedConfig",
     "DemoConfig",
+    "VisionConfig",
     "ResourcesConfig",
     "EvalConfig",
     "RoleResources",
@@ -70,7 +71,10 @@ class WorldConfig:
     """ShapesWorld: the procedural world that makes the experiment run on a laptop."""
 
     n_train: int = 2000  # images in the train split
-    n_eval: int = 200  # images in the eval split (never shares an image with train)
+    n_eval: int = 200  # images in the eval split (never shares an image with train or val)
+    # images in the validation split: every design and hyper-parameter choice is made on it,
+    # never on eval (no image is shared between train, val and eval)
+    n_val: int = 200
     image_size: int = 64  # pixels per side
     min_objects: int = 1
     max_objects: int = 5
@@ -79,6 +83,15 @@ class WorldConfig:
     sizes: tuple[str, ...] = ("small", "large")
     backgrounds: tuple[str, ...] = ("plain", "striped", "dotted", "checkered")
     questions_per_image: int = 4  # SFT question-answer turns per image, besides the caption
+    # Single-turn existence conversations per image ("Is there a red circle in the picture?"),
+    # each answer drawn independently (yes with probability 1/2): the position and the
+    # independence of a POPE probe, so the answer cannot be read off another turn.
+    existence_per_image: int = 2
+    # Share of "no" existence questions that ask about the absent object most similar to the
+    # scene (sharing a shape or colour with the most present objects), as POPE's adversarial
+    # negatives do; the rest ask about a uniformly drawn absent object. 1/3: POPE's share
+    # (random, popular and adversarial splits of equal size).
+    adversarial_absent_fraction: float = 0.34
     pairs_per_image: int = 2  # preference pairs per image
     caption_pair_fraction: float = 0.4  # share of pairs whose prompt asks for a caption
     short_answer_fraction: float = 0.2  # share of pairs asking for a one-word answer
@@ -157,6 +170,10 @@ class NegativesConfig:
     short_answer_words: int = 2
     codebook: str = ""  # YAML file; empty: the bundled vision error codebook
     include_chosen: bool = True  # also write the chosen conversation (origin=chosen)
+    # confirm_and_refute: each error gets a turn confirming what the chosen answer says is true
+    # and a turn refuting the rejected claim (balanced yes/no). refute_only: the refuting turns
+    # alone, kept as the ablation (it taught a model to answer "no" to most existence probes).
+    corrective: Literal["confirm_and_refute", "refute_only"] = "confirm_and_refute"
     batch_size: int = 256
     llm: LLMConfig = field(default_factory=LLMConfig)
     # Vocabulary the text-diff constructor recognises (defaults: ShapesWorld's).
@@ -196,7 +213,7 @@ class TrainConfig:
     micro_batch_size: int = 8  # per worker
     grad_accum: int = 1  # micro-batches per optimizer step
     max_length: int = 256  # tokens per sequence, image tokens included
-    shuffle: bool = True  # a seeded local shuffle buffer on every worker
+    shuffle: bool = True  # a full shuffle seeded by run.seed, then a local buffer on every worker
     materialize: bool = False  # keep the (small) dataset in the object store instead of re-reading
     log_every: int = 10  # optimizer steps between metric reports
     checkpoint_every: int = 0  # optimizer steps between checkpoints; 0: only at the end
@@ -243,8 +260,19 @@ class ResourcesConfig:
 
 @dataclass(frozen=True)
 class EvalConfig:
-    data: str = ""  # ShapesWorld folder (uses pref_eval/sft_eval) or an sft_eval Parquet
+    data: str = ""  # ShapesWorld folder (uses sft_{split}/pref_{split}) or an sft_eval Parquet
+    # which split of a ShapesWorld folder: choices are made on val, the report is on eval
+    split: Literal["val", "eval"] = "eval"
     max_images: int = 200
+    # images (the first ones) whose caption and attribute/count/position/scene questions are
+    # generated (greedy, the slow part); None: all max_images. POPE always uses all max_images.
+    generate_images: int | None = None
+    # POPE yes/no decision: "logit" = the sign of logit(yes) - logit(no) at the first answer
+    # position (one forward pass per probe, no parsing); "generate" = parse a greedy answer
+    pope_decision: Literal["logit", "generate"] = "logit"
+    # control: every POPE probe again with another image's pixels (image i gets image i+1),
+    # scored against the original labels; a model that looks at the image falls towards 0.5
+    image_swap: bool = True
     max_new_tokens: int = 64
     batch_size: int = 32
     # local: HF generate in this process; ray: a Ray Data batch-inference pass (ray_glue/eval.py)
@@ -354,6 +382,18 @@ class CompareConfig:
 
 
 @dataclass(frozen=True)
+class VisionConfig:
+    """Vision pretraining (nsft_ray/vision.py): the tower and connector learn each grid cell's
+    shape, colour and size from the world's scene graphs before any language training."""
+
+    steps: int = 300  # optimizer steps; 0: no vision pretraining
+    lr: float = 1e-3
+    batch_size: int = 64
+    max_images: int = 2000  # distinct train images used
+    val_images: int = 200  # distinct val images the read-out accuracy is reported on
+
+
+@dataclass(frozen=True)
 class DemoConfig:
     """The miniature experiment: base SFT, negatives, then `compare` from that base."""
 
@@ -384,6 +424,7 @@ class Config:
     resources: ResourcesConfig = field(default_factory=ResourcesConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     compare: CompareConfig = field(default_factory=CompareConfig)
+    vision: VisionConfig = field(default_factory=VisionConfig)
     demo: DemoConfig = field(default_factory=DemoConfig)
     ppo: PPOConfig = field(default_factory=PPOConfig)
     dpo: DPOConfig = field(default_factory=DPOConfig)
