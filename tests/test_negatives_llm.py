@@ -4,6 +4,7 @@ and real local models (transformers; vLLM inside Ray Data) on a tiny Llama built
 import json
 import threading
 import time
+from dataclasses import replace
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
@@ -60,6 +61,8 @@ def test_parse_reply_good(text):
         ('{"turns": ["q"]}', "llm_bad_turn"),
         ('{"turns": [{"question": "q", "answer": " ", "error_kind": "count"}]}', "llm_bad_turn"),
         ('{"turns": [{"question": "q", "answer": "a", "error_kind": "hue"}]}', "llm_unknown_kind"),
+        ('{"turns": [{"question": "q", "answer": "a", "error_kind": "count", "role": "hint"}]}',
+         "llm_bad_turn"),
     ],
 )
 def test_parse_reply_bad(text, reason):
@@ -68,11 +71,32 @@ def test_parse_reply_bad(text, reason):
     assert err.value.reason == reason
 
 
+def test_parse_reply_reads_roles():
+    reply = {"turns": [
+        {"question": "Is there a cat?", "answer": "Yes, there is a cat.", "error_kind": "existence",
+         "role": "confirm"},
+        {"question": "Is there a dog?", "answer": "No, there is no dog.", "error_kind": "existence",
+         "role": "refute"},
+        {"question": "What is there?", "answer": "A cat.", "error_kind": "existence"},
+    ]}
+    assert [t.role for t in parse_reply(json.dumps(reply), KINDS, max_turns=3)] == [
+        "confirm", "refute", None,
+    ]
+
+
 def test_prompt_holds_row_and_codebook():
+    """Fails if G is no longer asked to confirm as well as refute, or refute_only still asks it
+    to confirm."""
     prompt = build_prompt(row("x"), CODEBOOK, max_turns=3)
     for part in ("[x] Describe the picture.", "A cat on a sofa.", "A dog on a sofa.",
-                 "- spatial:", "1 to 3 turns", "existence, attribute, count, scene, spatial"):
-        assert part in prompt
+                 "- spatial:", "1 to 3 turns", "existence, attribute, count, scene, spatial",
+                 'role "confirm"', 'role "refute"', '"role": "confirm or refute"',
+                 'refute: "Is there a dog in the picture?" -> "No, there is no dog."',
+                 'never answer "No" to a question about whether it is there'):
+        assert part in prompt, part
+    refute_only = build_prompt(row("x"), CODEBOOK, max_turns=3, corrective="refute_only")
+    instruction = refute_only.split("Wrong answer: A dog on a sofa.", 1)[1]
+    assert 'role "refute"' in instruction and 'role "confirm"' not in instruction
 
 
 # ----------------------------------------------------------------------------- batching, retries
@@ -117,6 +141,31 @@ def test_batch_is_one_call_and_retries_only_failures():
     reasons = {f["id"]: (f["reason"], f["detail"]) for f in failures}
     assert reasons["same"][0] == "identical_answers"
     assert reasons["bad"] == ("llm_empty", "the reply has no turns (after 3 attempts)")
+
+
+def test_refute_only_drops_confirming_turns():
+    """The ablation with G: turns marked confirm are dropped; a reply of confirmations alone is
+    retried, then quarantined."""
+    both = {"turns": [
+        {"question": "Is there a cat?", "answer": "Yes, there is a cat.", "error_kind": "existence",
+         "role": "confirm"},
+        {"question": "Is there a dog?", "answer": "No, there is no dog.", "error_kind": "existence",
+         "role": "refute"},
+    ]}
+    only_confirm = {"turns": both["turns"][:1]}
+    backend = ScriptedBackend({"both": [json.dumps(both)], "confirm": [json.dumps(only_confirm)]})
+    cfg = NegativesConfig(constructor="llm", corrective="refute_only", llm=LLMConfig(max_retries=1))
+    conversations, failures = construct_rows([row("both"), row("confirm")], cfg, backend=backend)
+    neg = next(c for c in conversations if c["id"] == "both/neg0")
+    assert [m["content"] for m in neg["messages"]] == ["Is there a dog?", "No, there is no dog."]
+    assert json.loads(neg["meta"])["turn_roles"] == ["refute"]
+    assert [(f["id"], f["reason"]) for f in failures] == [("confirm", "llm_no_refuting_turn")]
+    # with confirm_and_refute the same reply keeps both turns
+    backend = ScriptedBackend({"both": [json.dumps(both)]})
+    conversations, _ = construct_rows([row("both")], replace(cfg, corrective="confirm_and_refute"),
+                                      backend=backend)
+    neg = next(c for c in conversations if c["id"] == "both/neg0")
+    assert json.loads(neg["meta"])["turn_roles"] == ["confirm", "refute"]
 
 
 def test_single_row_call_raises():

@@ -1,9 +1,9 @@
 """The vision error codebook: error kinds with descriptions, examples and corrective templates.
 
 The codebook is data (codebook.yaml, bundled with the package). The LLM constructor shows the
-descriptions and examples to the model; the text-diff constructor fills the templates. A user
-codebook may add kinds (the LLM may then use them); the five kinds below and their templates are
-required because the text-diff constructor writes them.
+descriptions and examples (each a confirming and a refuting turn) to the model; the text-diff and
+template constructors fill the templates. A user codebook may add kinds (the LLM may then use
+them); the five kinds below and their templates are required because those constructors write them.
 """
 
 from __future__ import annotations
@@ -17,24 +17,30 @@ from typing import Any
 
 import yaml
 
-__all__ = ["KINDS", "CodebookError", "QA", "Example", "ErrorKind", "Codebook", "load_codebook"]
+__all__ = [
+    "KINDS", "ROLES", "CodebookError", "QA", "Example", "ErrorKind", "Codebook", "load_codebook",
+]
 
 KINDS = ("existence", "attribute", "count", "scene", "spatial")
-# Required templates per kind, with the placeholders each may use.
+ROLES = ("confirm", "refute")  # what a corrective turn does: confirms the truth, refutes the error
+# Required templates per kind, with the placeholders each may use (the fields the constructors
+# fill: a confirming and a refuting template of one error get the same fields).
+_COUNT = frozenset({"object", "objects", "number", "wrong", "truth"})
+_THING = frozenset({"thing"})
 TEMPLATE_FIELDS: dict[str, dict[str, frozenset[str]]] = {
-    "existence": {"absent": frozenset({"thing"}), "present": frozenset({"thing"})},
-    "attribute": {"color": frozenset({"ref", "color"}), "size": frozenset({"ref", "size"})},
-    "count": {
-        "zero": frozenset({"object", "objects"}),
-        "one": frozenset({"object", "objects"}),
-        "many": frozenset({"object", "objects", "number"}),
+    "existence": {"present": _THING, "absent": _THING, "denied": _THING, "claimed": _THING},
+    "attribute": {
+        "color_affirm": frozenset({"ref", "color", "wrong"}),
+        "color_deny": frozenset({"ref", "color", "wrong"}),
+        **{t: frozenset({"ref", "size", "wrong"}) for t in ("size", "size_affirm", "size_deny")},
     },
-    "scene": {"background": frozenset({"scene"})},
-    "spatial": {"position": frozenset({"ref", "where"})},
+    "count": {"ask": _COUNT, "affirm": _COUNT, "deny": _COUNT},
+    "scene": {t: frozenset({"scene", "wrong"}) for t in ("ask", "affirm", "deny")},
+    "spatial": {t: frozenset({"ref", "where", "wrong"}) for t in ("ask", "affirm", "deny")},
 }
 SHORT_ANSWER_FIELDS = {
-    "rejected": frozenset({"prompt", "chosen", "rejected"}),
-    "chosen": frozenset({"prompt", "chosen", "rejected"}),
+    "confirm": frozenset({"prompt", "chosen", "rejected"}),
+    "refute": frozenset({"prompt", "chosen", "rejected"}),
 }
 
 
@@ -50,22 +56,27 @@ class QA:
     answer: str
 
     def render(self, fields: dict[str, str]) -> tuple[str, str]:
-        return _articles(self.question.format(**fields)), _articles(self.answer.format(**fields))
+        return _fill(self.question, fields), _fill(self.answer, fields)
 
 
 _A_BEFORE_VOWEL = re.compile(r"\b([Aa]) (?=[aeiouAEIOU])")
 
 
-def _articles(text: str) -> str:
-    """"a orange circle" -> "an orange circle" once a template is filled."""
-    return _A_BEFORE_VOWEL.sub(lambda m: m.group(1) + "n ", text)
+def _fill(template: str, fields: dict[str, str]) -> str:
+    """Fill a template; "a orange circle" -> "an orange circle", and a sentence that opens with a
+    placeholder ("{truth}.") starts with a capital."""
+    text = _A_BEFORE_VOWEL.sub(lambda m: m.group(1) + "n ", template.format(**fields))
+    return text[:1].upper() + text[1:]
 
 
 @dataclass(frozen=True)
 class Example:
+    """A correct and a wrong answer, and the confirming and refuting turns they call for."""
+
+    correct: str
     rejected: str
-    question: str
-    answer: str
+    confirm: QA
+    refute: QA
 
 
 @dataclass(frozen=True)
@@ -79,12 +90,14 @@ class ErrorKind:
 @dataclass(frozen=True)
 class Codebook:
     kinds: dict[str, ErrorKind]
-    short_answer: dict[str, QA]  # "rejected" and "chosen" turns of the template constructor
+    # "confirm" and "refute" turns of the template constructor for answers it cannot read
+    short_answer: dict[str, QA]
     positions: dict[str, str]  # cell -> phrase; "default" holds "{position}"
 
-    def render(self, kind: str, template: str, fields: dict[str, str]) -> tuple[str, str]:
-        """The corrective (question, answer) of `kind`'s `template` filled with `fields`."""
-        return self.kinds[kind].templates[template].render(fields)
+    def render(self, template: str, fields: dict[str, str]) -> tuple[str, str]:
+        """The corrective (question, answer) of `template` ("existence.absent") filled in."""
+        kind, _, name = template.partition(".")
+        return self.kinds[kind].templates[name].render(fields)
 
     def where(self, position: str) -> str:
         """How a position is said: "center" -> "in the center", "top" -> "at the top"."""
@@ -96,10 +109,9 @@ class Codebook:
         for kind in self.kinds.values():
             lines.append(f"- {kind.name}: {kind.description}")
             for ex in kind.examples:
-                lines.append(
-                    f'    e.g. wrong: "{ex.rejected}" -> question: "{ex.question}" '
-                    f'answer: "{ex.answer}"'
-                )
+                lines.append(f'    e.g. correct: "{ex.correct}" wrong: "{ex.rejected}"')
+                for role, qa in (("confirm", ex.confirm), ("refute", ex.refute)):
+                    lines.append(f'      {role}: "{qa.question}" -> "{qa.answer}"')
         return "\n".join(lines)
 
 
@@ -166,11 +178,11 @@ def _parse(data: Any, where: str) -> Codebook:
             raise CodebookError(f"{key}.examples: expected a non-empty list, got {examples!r}")
         parsed_examples = []
         for i, ex in enumerate(examples):
-            ex = _mapping(ex, f"{key}.examples[{i}]")
-            fields = ("rejected", "question", "answer")
-            parsed_examples.append(
-                Example(*(_text(ex.get(f), f"{key}.examples[{i}].{f}") for f in fields))
-            )
+            where_ex = f"{key}.examples[{i}]"
+            ex = _mapping(ex, where_ex)
+            turns = [_template(ex.get(r), f"{where_ex}.{r}", frozenset()) for r in ROLES]
+            texts = [_text(ex.get(f), f"{where_ex}.{f}") for f in ("correct", "rejected")]
+            parsed_examples.append(Example(*texts, *turns))
         required = TEMPLATE_FIELDS.get(name, {})
         templates_data = body.get("templates") or {}
         if not isinstance(templates_data, dict):

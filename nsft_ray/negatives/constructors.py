@@ -7,29 +7,40 @@ conversation per rejected answer (all corrections of that answer, user/assistant
 id f"{row_id}/neg0") and, with `include_chosen`, the chosen conversation (f"{row_id}/chosen").
 When it cannot, it raises :class:`ConstructionError`; the pipeline quarantines the row.
 
-- TemplateConstructor: short answers, the paper's "Is this {rejected}? No / Is this {chosen}? Yes".
+Each error gets a turn that CONFIRMS what the chosen answer says is true and one that REFUTES
+the rejected claim, as the paper's "Is this a travel book? Yes. / Is this a cookbook? No.";
+NegativesConfig.corrective="refute_only" keeps the refuting turns alone (the ablation). Answers
+are truthful in their first yes/no word: no turn answers "No" about an object that is there.
+
+- TemplateConstructor: short answers; reads the prompt as a ShapesWorld question (questions.py)
+  and asks it both ways ("Is the circle at the top left red?" yes / "... blue?" no), else asks
+  whether each answer is correct.
 - TextDiffConstructor: compares the claims of chosen and rejected (textdiff.py) and writes the
-  codebook's corrective question/answer for each error.
+  codebook's confirming and refuting turns for each error.
 - AutoConstructor: template when both answers are short, text-diff otherwise.
 The LLM constructor lives in llm.py.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from nsft_ray.config import NegativesConfig
 from nsft_ray.negatives.claims import NUMBER_WORDS, Vocabulary, extract_claims
 from nsft_ray.negatives.codebook import Codebook
-from nsft_ray.negatives.textdiff import find_corrections
+from nsft_ray.negatives.questions import parse_question, short_values
+from nsft_ray.negatives.textdiff import count_fields, find_corrections
 from nsft_ray.schema import dumps_meta
+from nsft_ray.world.language import Question
 
 __all__ = [
     "Conversation",
     "ConstructionError",
     "Turn",
     "check_row",
+    "select_turns",
     "build_conversations",
     "TemplateConstructor",
     "TextDiffConstructor",
@@ -57,6 +68,7 @@ class Turn:
     question: str
     answer: str
     error_kind: str | None  # a codebook kind; None if it cannot be told
+    role: str | None = None  # "confirm" | "refute" (codebook.ROLES); None if not told (LLM)
 
 
 def check_row(row: dict) -> None:
@@ -70,6 +82,15 @@ def check_row(row: dict) -> None:
             raise ConstructionError(f"empty_{key}", f"field {key!r} is empty")
     if " ".join(row["chosen"].lower().split()) == " ".join(row["rejected"].lower().split()):
         raise ConstructionError("identical_answers", "chosen and rejected say the same thing")
+
+
+def select_turns(turns: list[Turn], corrective: str) -> list[Turn]:
+    """The turns NegativesConfig.corrective keeps: all, or (refute_only) all but the confirming."""
+    if corrective not in ("confirm_and_refute", "refute_only"):
+        raise ValueError(
+            f"negatives.corrective: {corrective!r} is not one of confirm_and_refute, refute_only"
+        )
+    return [t for t in turns if corrective == "confirm_and_refute" or t.role != "confirm"]
 
 
 def build_conversations(
@@ -88,7 +109,9 @@ def build_conversations(
         "messages": messages,
         "origin": "negative",
         "error_kinds": list(dict.fromkeys(k for k in kinds if k)),
-        "meta": dumps_meta({"constructor": constructor, "turn_kinds": kinds}),
+        "meta": dumps_meta({
+            "constructor": constructor, "turn_kinds": kinds, "turn_roles": [t.role for t in turns],
+        }),
     }
     if not include_chosen:
         return [negative]
@@ -137,9 +160,51 @@ def short_answer_kind(answer: str, vocab: Vocabulary) -> str | None:
     return None
 
 
+# The codebook kind of a wrong answer to each ShapesWorld question kind.
+_QUESTION_KINDS = {
+    "existence": "existence", "color": "attribute", "size": "attribute", "count": "count",
+    "position": "spatial", "scene": "scene",
+}
+
+
+def _content_templates(
+    q: Question, chosen: Any, rejected: Any, where: Callable[[str], str]
+) -> tuple[str, str, dict[str, str]]:
+    """(confirming template, refuting template, fields) asking `q`'s content both ways.
+
+    `chosen`/`rejected` are the values parse_short reads (True/False, a count, a word); `where`
+    is Codebook.where.
+    """
+    if q.kind == "existence":
+        fields = {"thing": f"{q.color} {q.shape}"}
+        # A wrong "no" about a present object is refuted without answering "No" (denied).
+        if chosen:
+            return "existence.present", "existence.denied", fields
+        return "existence.absent", "existence.claimed", fields
+    if q.kind == "count":
+        return "count.affirm", "count.deny", count_fields(q.shape or "", chosen, rejected)
+    if q.kind == "scene":
+        return "scene.affirm", "scene.deny", {"scene": chosen, "wrong": rejected}
+    if q.kind == "position":
+        fields = {"ref": f"{q.color} {q.shape}", "where": where(chosen), "wrong": where(rejected)}
+        return "spatial.affirm", "spatial.deny", fields
+    if q.kind == "color":
+        fields = {"ref": f"{q.shape} {where(q.position or '')}", "color": chosen, "wrong": rejected}
+        return "attribute.color_affirm", "attribute.color_deny", fields
+    if q.kind == "size":
+        fields = {"ref": f"{q.color} {q.shape}", "size": chosen, "wrong": rejected}
+        return "attribute.size_affirm", "attribute.size_deny", fields
+    raise ValueError(f"question kind {q.kind!r} has no short-answer templates")
+
+
 class TemplateConstructor:
-    """Short answers: '{prompt} Is "{rejected}" the correct answer?' -> No; then the same for
-    chosen -> Yes (the codebook's short_answer templates)."""
+    """Short answers: the content question asked both ways and answered truthfully.
+
+    "Is there a red circle in the picture? Answer with one word." (chosen yes, rejected no) ->
+    "Is there a red circle in the picture?" "Yes, there is a red circle." and "Is it true that
+    there is no red circle in the picture?" "That is false: there is a red circle.". A prompt that
+    is not a ShapesWorld question gets the codebook's short_answer turns ('Is "red" correct?').
+    """
 
     name = "template"
 
@@ -147,27 +212,42 @@ class TemplateConstructor:
         self.codebook = codebook
         self.vocab = Vocabulary.from_config(cfg)
         self.include_chosen = cfg.include_chosen
+        self.corrective = cfg.corrective
 
     def turns(self, row: dict) -> list[Turn]:
-        # A final full stop would land inside the quotes of 'Is "red." the correct answer?'.
+        q = parse_question(row["prompt"], self.vocab)
+        values = None if q is None else short_values(q, row["chosen"], row["rejected"], self.vocab)
+        if q is None or values is None:
+            return self._generic_turns(row)
+        confirm, refute, fields = _content_templates(q, *values, self.codebook.where)
+        kind = _QUESTION_KINDS[q.kind]
+        return [
+            Turn(*self.codebook.render(confirm, fields), kind, "confirm"),
+            Turn(*self.codebook.render(refute, fields), kind, "refute"),
+        ]
+
+    def _generic_turns(self, row: dict) -> list[Turn]:
+        # A final full stop would land inside the quotes of 'Is "red." correct?'.
         fields = {k: row[k].strip().rstrip(".").strip() for k in ("chosen", "rejected")}
         fields["prompt"] = row["prompt"].strip()
         kind = short_answer_kind(fields["rejected"], self.vocab)
         return [
-            Turn(*self.codebook.short_answer["rejected"].render(fields), kind),
-            Turn(*self.codebook.short_answer["chosen"].render(fields), kind),
+            Turn(*self.codebook.short_answer[role].render(fields), kind, role)
+            for role in ("confirm", "refute")
         ]
 
     def __call__(self, row: dict) -> list[Conversation]:
         check_row(row)
-        return build_conversations(row, self.turns(row), self.name, self.include_chosen)
+        turns = select_turns(self.turns(row), self.corrective)
+        return build_conversations(row, turns, self.name, self.include_chosen)
 
     def batch(self, rows: list[dict]) -> list[list[Conversation] | ConstructionError]:
         return each_row(self, rows)
 
 
 class TextDiffConstructor:
-    """Long answers: one codebook question/answer per error the chosen text can correct."""
+    """Long answers: a confirming and a refuting codebook turn per error the chosen text can
+    correct."""
 
     name = "text-diff"
 
@@ -175,6 +255,7 @@ class TextDiffConstructor:
         self.codebook = codebook
         self.vocab = Vocabulary.from_config(cfg)
         self.include_chosen = cfg.include_chosen
+        self.corrective = cfg.corrective
 
     def turns(self, row: dict) -> list[Turn]:
         chosen = extract_claims(row["chosen"], self.vocab)
@@ -186,12 +267,13 @@ class TextDiffConstructor:
                 f"the chosen answer contradicts no claim of the rejected {row['rejected']!r}",
             )
         return [
-            Turn(*self.codebook.render(c.kind, c.template, c.fields), c.kind) for c in corrections
+            Turn(*self.codebook.render(c.template, c.fields), c.kind, c.role) for c in corrections
         ]
 
     def __call__(self, row: dict) -> list[Conversation]:
         check_row(row)
-        return build_conversations(row, self.turns(row), self.name, self.include_chosen)
+        turns = select_turns(self.turns(row), self.corrective)
+        return build_conversations(row, turns, self.name, self.include_chosen)
 
     def batch(self, rows: list[dict]) -> list[list[Conversation] | ConstructionError]:
         return each_row(self, rows)

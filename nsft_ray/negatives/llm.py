@@ -1,13 +1,18 @@
 """The LLM constructor (the paper's G): an instruction-tuned LLM reads the prompt, the chosen and
 the rejected answer and the error codebook, and writes corrective question/answer turns as JSON:
 
-    {"turns": [{"question": "...", "answer": "...", "error_kind": "existence"}, ...]}
+    {"turns": [{"question": "...", "answer": "...", "error_kind": "existence",
+                "role": "confirm"}, ...]}
 
-A reply is valid if it is such a JSON object (a ```json fence is tolerated), with 1..max_turns
-turns, non-empty question and answer strings and an error_kind from the codebook. Invalid replies
-are asked again up to `max_retries` times; then the row fails with the last reason
-(llm_empty, llm_invalid_json, llm_bad_format, llm_too_many_turns, llm_bad_turn,
-llm_unknown_kind, llm_timeout, ...). All prompts of a batch go to the backend in one call.
+As the rule-based constructors, G is asked for a turn confirming what the correct answer says
+and a turn refuting the wrong claim per error (only refuting ones when NegativesConfig.corrective
+is refute_only, whose conversations also drop any turn G marks "confirm"). A reply is valid if it
+is such a JSON object (a ```json fence is tolerated), with 1..max_turns turns, non-empty question
+and answer strings, an error_kind from the codebook and, if given, a role "confirm" or "refute".
+Invalid replies are asked again up to `max_retries` times; then the row fails with the last
+reason (llm_empty, llm_invalid_json, llm_bad_format, llm_too_many_turns, llm_bad_turn,
+llm_unknown_kind, llm_no_refuting_turn, llm_timeout, ...). All prompts of a batch go to the
+backend in one call.
 """
 
 from __future__ import annotations
@@ -17,35 +22,60 @@ import re
 
 from nsft_ray.config import NegativesConfig
 from nsft_ray.negatives.backends import LLMBackend, make_backend
-from nsft_ray.negatives.codebook import Codebook
+from nsft_ray.negatives.codebook import ROLES, Codebook
 from nsft_ray.negatives.constructors import (
     ConstructionError,
     Conversation,
     Turn,
     build_conversations,
     check_row,
+    select_turns,
 )
 
-__all__ = ["PROMPT", "build_prompt", "parse_reply", "LLMConstructor"]
+__all__ = ["PROMPT", "INSTRUCTIONS", "build_prompt", "parse_reply", "LLMConstructor"]
 
 PROMPT = """\
 You correct wrong answers about an image. A user asked a question about an image. Below are a \
-correct answer and a wrong answer. Find the visual errors in the wrong answer. Error kinds:
+correct answer and a wrong answer. Find the visual errors in the wrong answer. Error kinds, \
+each example with a turn that confirms the truth and a turn that refutes the error:
 {codebook}
 
 Question: {prompt}
 Correct answer: {chosen}
 Wrong answer: {rejected}
 
-For each error, write one question about the image that exposes it and its correct answer, \
-using only facts from the correct answer. Reply with JSON only, with 1 to {max_turns} turns:
-{{"turns": [{{"question": "...", "answer": "...", "error_kind": "one of: {kinds}"}}]}}"""
+{instruction} Use only facts from the correct answer and answer truthfully. When the wrong \
+answer denies an object that is there, confirm it ("Is there a cat?" "Yes, there is a cat."); \
+never answer "No" to a question about whether it is there ("Is it true that there is no cat?" \
+"No.") — a "No" reads as denying the object. Reply with JSON only, with 1 to {max_turns} turns:
+{{"turns": [{{"question": "...", "answer": "...", "error_kind": "one of: {kinds}", \
+"role": "confirm or refute"}}]}}"""
+# What to write per error, by NegativesConfig.corrective.
+INSTRUCTIONS = {
+    "confirm_and_refute": (
+        "For each error, write two questions about the image with their correct answers: one "
+        'that confirms what the correct answer says (role "confirm", answered "Yes, ..." or '
+        'with the true value) and one that asks about the wrong claim and refutes it (role '
+        '"refute", answered "No, ..." with the truth).'
+    ),
+    "refute_only": (
+        "For each error, write one question about the image that asks about the wrong claim and "
+        'refutes it, with its correct answer (role "refute").'
+    ),
+}
 
 _FENCE = re.compile(r"```(?:json)?\s*(.*?)```", re.DOTALL | re.IGNORECASE)
 
 
-def build_prompt(row: dict, codebook: Codebook, max_turns: int) -> str:
+def build_prompt(
+    row: dict, codebook: Codebook, max_turns: int, corrective: str = "confirm_and_refute"
+) -> str:
+    if corrective not in INSTRUCTIONS:
+        raise ValueError(
+            f"negatives.corrective: {corrective!r} is not one of {', '.join(INSTRUCTIONS)}"
+        )
     return PROMPT.format(
+        instruction=INSTRUCTIONS[corrective],
         codebook=codebook.describe(),
         prompt=row["prompt"].strip(),
         chosen=row["chosen"].strip(),
@@ -90,7 +120,11 @@ def parse_reply(text: str, kinds: tuple[str, ...], max_turns: int) -> list[Turn]
         if kind not in kinds:
             detail = f"turns[{i}].error_kind {kind!r} is not one of {', '.join(kinds)}"
             raise ConstructionError("llm_unknown_kind", detail)
-        out.append(Turn(turn["question"].strip(), turn["answer"].strip(), kind))
+        role = turn.get("role")
+        if role is not None and role not in ROLES:
+            detail = f"turns[{i}].role {role!r} is not one of {', '.join(ROLES)}"
+            raise ConstructionError("llm_bad_turn", detail)
+        out.append(Turn(turn["question"].strip(), turn["answer"].strip(), kind, role))
     return out
 
 
@@ -105,6 +139,7 @@ class LLMConstructor:
         self.codebook = codebook
         self.llm = cfg.llm
         self.include_chosen = cfg.include_chosen
+        self.corrective = cfg.corrective
         self.backend = backend if backend is not None else make_backend(cfg.llm)
 
     def __call__(self, row: dict) -> list[Conversation]:
@@ -113,6 +148,13 @@ class LLMConstructor:
             raise result
         return result
 
+    def _keep(self, turns: list[Turn]) -> list[Turn]:
+        """The turns `corrective` keeps; refute_only needs at least one that is not "confirm"."""
+        kept = select_turns(turns, self.corrective)
+        if not kept:
+            raise ConstructionError("llm_no_refuting_turn", "every turn of the reply confirms")
+        return kept
+
     def batch(self, rows: list[dict]) -> list[list[Conversation] | ConstructionError]:
         """One result per row; each attempt sends every still-unanswered prompt in one call."""
         results: list[list[Conversation] | ConstructionError | None] = [None] * len(rows)
@@ -120,7 +162,7 @@ class LLMConstructor:
         for i, row in enumerate(rows):
             try:
                 check_row(row)
-                pending[i] = build_prompt(row, self.codebook, self.llm.max_turns)
+                pending[i] = build_prompt(row, self.codebook, self.llm.max_turns, self.corrective)
             except ConstructionError as e:
                 results[i] = e
         kinds = tuple(self.codebook.kinds)
@@ -137,7 +179,7 @@ class LLMConstructor:
                 try:
                     if isinstance(reply, ConstructionError):
                         raise reply
-                    turns = parse_reply(reply, kinds, self.llm.max_turns)
+                    turns = self._keep(parse_reply(reply, kinds, self.llm.max_turns))
                 except ConstructionError as e:
                     results[i] = e  # the last failure is what the row is quarantined with
                     continue

@@ -10,11 +10,14 @@ Each output row has CONVERSATION_SCHEMA's columns plus `quarantine_reason` and
 row with empty messages, id = the preference id, origin "negative", the reason set, and the
 original row (without image) under meta["row"]; `split_output` turns a table into conversations
 and QUARANTINE_SCHEMA rows. Without Ray, `construct_rows(rows, cfg)` does the same on dicts.
+`corrective_answer_counts(conversations)` is the yes:no balance the negatives teach (summary.json).
 """
 
 from __future__ import annotations
 
 import json
+from collections import Counter
+from collections.abc import Iterable
 from typing import Any
 
 import pyarrow as pa
@@ -41,6 +44,7 @@ __all__ = [
     "construct_rows",
     "NegativesBatchFn",
     "split_output",
+    "corrective_answer_counts",
 ]
 
 STAGE = "negatives"  # the quarantine stage name
@@ -139,3 +143,34 @@ def split_output(table: pa.Table) -> tuple[pa.Table, pa.Table]:
         for r in bad
     ])
     return good.cast(CONVERSATION_SCHEMA), quarantine
+
+
+def corrective_answer_counts(conversations: Iterable[Conversation]) -> dict[str, Any]:
+    """Yes/no/other of every corrective answer (the assistant turns of the negative
+    conversations, read by the POPE parser: the first yes/no word, else a negation or "there is"),
+    overall and per error kind ("unknown" where the turn has none). A skew towards "no" here
+    becomes a model that answers "no" to existence probes.
+
+        {"yes": 812, "no": 790, "other": 12, "by_kind": {"existence": {"yes": 300, ...}, ...}}
+    """
+    # Imported here: nsft_ray.eval loads the whole evaluation runner, which building negatives
+    # (in every Ray actor) does not otherwise need.
+    from nsft_ray.eval.pope import parse_yes_no
+
+    total: Counter[str] = Counter()
+    by_kind: dict[str, Counter[str]] = {}
+    for conv in conversations:
+        if conv["origin"] != "negative":
+            continue
+        kinds = loads_meta(conv["meta"]).get("turn_kinds") or []
+        answers = [m["content"] for m in conv["messages"] if m["role"] == "assistant"]
+        for i, text in enumerate(answers):
+            word = {True: "yes", False: "no", None: "other"}[parse_yes_no(text)]
+            kind = (kinds[i] if i < len(kinds) else None) or "unknown"
+            total[word] += 1
+            by_kind.setdefault(kind, Counter())[word] += 1
+    zero = {"yes": 0, "no": 0, "other": 0}
+    return {
+        **zero, **total,
+        "by_kind": {k: {**zero, **by_kind[k]} for k in sorted(by_kind)},
+    }

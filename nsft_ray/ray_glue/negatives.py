@@ -22,7 +22,7 @@ import pyarrow.compute as pc
 import ray
 
 from nsft_ray.config import DataConfig, NegativesConfig
-from nsft_ray.negatives.pipeline import NegativesBatchFn
+from nsft_ray.negatives.pipeline import NegativesBatchFn, corrective_answer_counts
 from nsft_ray.ray_glue.data import (
     merge_quarantine,
     read_preferences,
@@ -88,6 +88,11 @@ def build_negatives(
         "constructed": constructed_rows,
         "conversations": by_origin.get("negative", 0),
         "chosen_conversations": by_origin.get("chosen", 0),
+        "corrective": neg_cfg.corrective,
+        # Streamed through the driver: a few strings per row, read from the materialized rows.
+        "corrective_answers": corrective_answer_counts(
+            conversations.select_columns(["origin", "messages", "meta"]).iter_rows()
+        ),
         "seconds": round(time.perf_counter() - start, 2),
         "outputs": {"conversations": str(conv_dir), "quarantine": str(quarantined)},
     }
