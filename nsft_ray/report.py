@@ -1,11 +1,18 @@
-"""The comparison report: quality x memory x time x models resident, over methods and seeds.
+"""The comparison report: verdicts, quality x memory x time x models resident, over methods and
+seeds.
 
-    agg = write_report(records, "runs/compare")  # report.json/.md, quality/memory/curves.png
+    agg = write_report(records, "runs/compare", base_gate=gate, protocol=protocol)
+    # report.json/.md, quality/memory/curves.png
 
 One RECORD per (method, seed), as `nsft_ray.compare` builds it:
-    {"method", "seed", "eval" (nsft_ray.eval.evaluate's result), "models_resident",
-     "memory_by_role" / "param_bytes_by_role" / "optimizer_bytes_by_role" ({role: bytes}),
-     "train_seconds", "samples_per_s", "tokens_per_s", "steps", "curve" ([{"step", "loss"}])}
+    {"method", "seed", "eval" (nsft_ray.eval.evaluate's result, with its per-item "items"),
+     "models_resident", "memory_by_role" / "param_bytes_by_role" / "optimizer_bytes_by_role"
+     ({role: bytes}), "train_seconds", "samples_per_s", "tokens_per_s", "steps",
+     "curve" ([{"step", "loss"}])}
+Each metric is the mean over seeds with its 95% t-interval (stats.mean_ci). VERDICTS compare
+methods pairwise (PAIRS) on the headline metrics (stats.HEADLINE) by a paired bootstrap over
+seeds and eval images (stats.paired_bootstrap): "better" / "worse" when the 95% interval of the
+difference excludes 0, else "indistinguishable". report.md opens with them in words.
 Missing values (None, NaN, absent keys) are skipped, never counted as zero; a method whose every
 seed lacks a value shows "–". Plots are drawn on bare matplotlib Figures (Agg), no pyplot state.
 """
@@ -19,16 +26,20 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = ["METRICS", "aggregate", "markdown_table", "plot_quality", "plot_memory", "plot_curves",
-           "write_report"]
+from nsft_ray.stats import HEADLINE, mean_ci, paired_bootstrap, verdict
 
-# (column label, path into the eval result, higher_is_better). None: no better direction; the
-# POPE yes-ratio is best near the share of "yes" labels (0.5: pope_items draws k positives and
-# k negatives per image and setting), so no cell of that column is bolded.
+__all__ = ["METRICS", "PAIRS", "aggregate", "markdown_table", "verdicts", "verdict_lines",
+           "plot_quality", "plot_memory", "plot_curves", "write_report"]
+
+# (column label, path into the eval result, higher_is_better). None: no better direction, so no
+# cell of that column is bolded (NOTES says what to read instead).
 METRICS: tuple[tuple[str, tuple[str, ...], bool | None], ...] = (
+    ("POPE AUROC (adv)", ("pope", "adversarial", "auroc"), True),
     ("POPE acc (adv)", ("pope", "adversarial", "accuracy"), True),
+    ("bal. acc (adv)", ("pope", "adversarial", "balanced_accuracy"), True),
     ("POPE F1 (adv)", ("pope", "adversarial", "f1"), True),
     ("yes-ratio (adv)", ("pope", "adversarial", "yes_ratio"), None),
+    ("swap AUROC (adv)", ("pope_swap", "adversarial", "auroc"), None),
     ("CHAIR_i", ("chair", "chair_i"), False),
     ("CHAIR_s", ("chair", "chair_s"), False),
     ("obj recall", ("chair", "object_recall"), True),
@@ -37,6 +48,16 @@ METRICS: tuple[tuple[str, tuple[str, ...], bool | None], ...] = (
     ("position", ("position_accuracy",), True),
     ("scene", ("scene_accuracy",), True),
 )
+NOTES = {
+    # pope_items draws k positives and k negatives per image and setting
+    "yes-ratio (adv)": "best near 0.5, the share of yes labels",
+    "swap AUROC (adv)": "image-swap control: the same probes with another image's pixels, "
+                        "scored against the original labels; a model that uses the image falls "
+                        "to 0.5, one that ignores it keeps its POPE AUROC",
+}
+# (method, versus) pairs given a verdict, when both methods are in the records.
+PAIRS = (("nsft", "sft"), ("nsft", "dpo"), ("nsft", "ppo"), ("dpo", "sft"))
+NAMES = {"nsft": "nSFT", "sft": "SFT", "dpo": "DPO", "ppo": "PPO", "base": "base"}
 SCALARS = ("train_seconds", "samples_per_s", "tokens_per_s", "steps")  # mean over seeds
 ROLE_FIELDS = ("memory_by_role", "param_bytes_by_role", "optimizer_bytes_by_role")
 MIB = 2**20
@@ -86,13 +107,15 @@ def _group(records: Sequence[dict]) -> dict[str, list[dict]]:
 
 
 def aggregate(records: Sequence[dict]) -> dict[str, dict[str, Any]]:
-    """Per method: metric mean/std/values over seeds, memory (bytes), time and throughput means."""
+    """Per method: metric mean, 95% t-interval (ci_low/ci_high, None with one seed), std and
+    values over seeds; memory (bytes), time and throughput means."""
     out: dict[str, dict[str, Any]] = {}
     for method, rs in _group(records).items():
         metrics = {}
         for label, path, _ in METRICS:
             vs = [float(v) for r in rs if _present(v := _get(r.get("eval"), path))]
-            metrics[label] = {"mean": _mean(vs), "values": vs,
+            mean, lo, hi = mean_ci(vs)
+            metrics[label] = {"mean": mean, "ci_low": lo, "ci_high": hi, "values": vs,
                               "std": statistics.stdev(vs) if len(vs) > 1 else (0.0 if vs else None)}
         resident = {r["models_resident"] for r in rs if _present(r.get("models_resident"))}
         if len(resident) > 1:  # the same method keeps the same models; differing counts is a bug
@@ -117,8 +140,14 @@ def _fmt(v: float | None, digits: int) -> str:
     return DASH if v is None else f"{v:.{digits}f}"
 
 
+def _half_width(s: dict[str, Any]) -> float | None:
+    """Half the width of the 95% t-interval (symmetric about the mean); None for one seed."""
+    return None if s.get("ci_low") is None else (s["ci_high"] - s["ci_low"]) / 2
+
+
 def markdown_table(agg: dict[str, dict[str, Any]]) -> str:
-    """Method x metric, "mean ± std" (no ± for one seed), the best mean per column in bold."""
+    """Method x metric, "mean ± half-width of the 95% t-interval over seeds" (no ± for one
+    seed), the best mean per column in bold."""
     best: dict[str, str] = {}
     for label, _, higher in METRICS:
         # Compare what is displayed, so equal-looking cells are bolded alike.
@@ -136,7 +165,8 @@ def markdown_table(agg: dict[str, dict[str, Any]]) -> str:
             s = m["metrics"][label]
             text = _fmt(s["mean"], 3)
             text = f"**{text}**" if best.get(label) == text else text
-            cells.append(text + (f" ± {s['std']:.3f}" if len(s["values"]) > 1 else ""))
+            half = _half_width(s)
+            cells.append(text + ("" if half is None else f" ± {half:.3f}"))
         mem = m["peak_memory_bytes"]
         cells += [DASH if m["models_resident"] is None else str(m["models_resident"]),
                   _fmt(None if mem is None else mem / MIB, 1),
@@ -161,7 +191,7 @@ def _colours(methods: Sequence[str]) -> dict[str, Any]:
 
 
 def plot_quality(agg: dict[str, dict[str, Any]], path: str | Path) -> None:
-    """Grouped bars: one group per metric, one bar per method, error bars = std over seeds."""
+    """Grouped bars: one group per metric, one bar per method, error bars = 95% t-interval."""
     fig = _figure(min(14.0, 9.0 + 0.6 * len(agg)), 5.0)
     ax = fig.add_subplot()
     colours, n = _colours(list(agg)), max(len(agg), 1)
@@ -170,14 +200,14 @@ def plot_quality(agg: dict[str, dict[str, Any]], path: str | Path) -> None:
         stats = [m["metrics"][label] for label, _, _ in METRICS]
         xs = [i + (j - (n - 1) / 2) * width for i in range(len(METRICS))]
         means = [math.nan if s["mean"] is None else s["mean"] for s in stats]
-        errs = [0.0 if s["std"] is None else s["std"] for s in stats]
+        errs = [_half_width(s) or 0.0 for s in stats]
         ax.bar(xs, means, width, yerr=errs, capsize=2, color=colours[method],
                label=f"{method} (n={len(m['seeds'])})", error_kw={"elinewidth": 1})
-    arrows = {True: " ↑", False: " ↓", None: ""}
+    arrows = {True: " ↑", False: " ↓", None: ""}  # swap AUROC: read beside POPE AUROC
     ax.set_xticks(range(len(METRICS)), [label + arrows[h] for label, _, h in METRICS],
                   rotation=30, ha="right")
     ax.set_ylim(0, 1.05)
-    ax.set_ylabel("score (mean ± std over seeds)")
+    ax.set_ylabel("score (mean, 95% interval over seeds)")
     ax.set_title("Quality per metric (↑ higher is better, ↓ lower is better)")
     ax.grid(axis="y", alpha=0.3)
     # Outside the axes, so it never hides a bar near 1.0.
@@ -250,6 +280,52 @@ def plot_curves(records: Sequence[dict], path: str | Path) -> None:
     fig.savefig(path)
 
 
+def verdicts(records: Sequence[dict], n_boot: int = 2000, seed: int = 0) -> list[dict[str, Any]]:
+    """{method, versus, metric, delta, ci_low, ci_high, verdict, n_seeds} for each pair of PAIRS
+    present and each headline metric the items can give (stats.paired_bootstrap, seeds and eval
+    images resampled jointly; delta = metric(method) - metric(versus))."""
+    items: dict[str, dict[Any, dict]] = {}
+    for method, rs in _group(records).items():
+        items[method] = {r.get("seed"): it for r in rs
+                         if (it := (r.get("eval") or {}).get("items"))}
+    out = []
+    for method, versus in PAIRS:
+        a, b = items.get(method), items.get(versus)
+        if not a or not b or not set(a) & set(b):
+            continue
+        for metric in HEADLINE.values():
+            d = paired_bootstrap(a, b, metric, n_boot=n_boot, seed=seed)
+            if math.isnan(d.delta):  # e.g. no logit scores: no AUROC to compare
+                continue
+            out.append({"method": method, "versus": versus, "metric": metric.name,
+                        "delta": d.delta, "ci_low": d.ci_low, "ci_high": d.ci_high,
+                        "verdict": verdict(*d, metric.higher_is_better),
+                        "n_seeds": len(set(a) & set(b))})
+    return out
+
+
+def verdict_lines(rows: Sequence[dict[str, Any]]) -> list[str]:
+    """The verdicts in words, one bullet each, and whether they rest on one seed."""
+    if not rows:
+        return ["No verdicts: the records hold no per-item eval results for any pair of "
+                + ", ".join(f"{NAMES[m]} vs {NAMES[v]}" for m, v in PAIRS) + "."]
+    lines = [f"- {NAMES.get(r['method'], r['method'])} vs {NAMES.get(r['versus'], r['versus'])}, "
+             f"{r['metric']}: {r['verdict']} ({r['delta']:+.3f}, 95% CI {r['ci_low']:+.3f} to "
+             f"{r['ci_high']:+.3f})" for r in rows]
+    if any(r["n_seeds"] == 1 for r in rows):
+        lines += ["", "These verdicts come from one seed: the intervals resample the eval images "
+                      "only, not training runs, so they say nothing of seed-to-seed variation."]
+    return lines
+
+
+def _section(title: str, d: dict[str, Any]) -> list[str]:
+    """A markdown section listing a dict (nested values as JSON)."""
+    def text(v: Any) -> str:
+        return json.dumps(v, default=_jsonable) if isinstance(v, dict | list) else str(v)
+
+    return [f"## {title}", "", *[f"- **{k}**: {text(v)}" for k, v in d.items()], ""]
+
+
 def _jsonable(o: Any) -> Any:
     if hasattr(o, "item"):  # numpy / torch scalars
         return o.item()
@@ -257,32 +333,48 @@ def _jsonable(o: Any) -> Any:
 
 
 def write_report(
-    records: Sequence[dict], out_dir: str | Path, title: str = "nsft-ray: method comparison"
+    records: Sequence[dict], out_dir: str | Path, title: str = "nsft-ray: method comparison",
+    base_gate: dict[str, Any] | None = None, protocol: dict[str, Any] | None = None,
 ) -> dict[str, dict[str, Any]]:
-    """Write report.json, report.md, quality.png, memory.png, curves.png; return the aggregate."""
+    """Write report.json, report.md, quality.png, memory.png, curves.png; return the aggregate.
+
+    report.json: {"title", "verdicts", "base_gate", "protocol", "methods" (the aggregate),
+    "records"}; base_gate and protocol are passed through as given (None when not given).
+    report.md opens with the verdicts in words, then the protocol and base gate, then the table.
+    """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     agg = aggregate(records)
-    # The eval examples (question/answer rows) are bulky and already in each run's eval output.
-    raw = [{**r, "eval": {k: v for k, v in (r.get("eval") or {}).items() if k != "examples"}}
-           for r in records]
-    (out / "report.json").write_text(
-        json.dumps({"title": title, "methods": agg, "records": raw}, indent=2, default=_jsonable))
+    found = verdicts(records)
+    # The examples and per-item rows are bulky and already in each run's record / eval output.
+    raw = [{**r, "eval": {k: v for k, v in (r.get("eval") or {}).items()
+                          if k not in ("examples", "items")}} for r in records]
+    (out / "report.json").write_text(json.dumps(
+        {"title": title, "verdicts": found, "base_gate": base_gate, "protocol": protocol,
+         "methods": agg, "records": raw}, indent=2, default=_jsonable))
     plot_quality(agg, out / "quality.png")
     plot_memory(agg, out / "memory.png")
     plot_curves(records, out / "curves.png")
-    direction = {True: "higher is better", False: "lower is better",
-                 None: "best near 0.5, the share of yes labels"}
-    md = [f"# {title}", "", markdown_table(agg), "",
-          "- Quality per metric (mean ± std over seeds): ![quality](quality.png)",
-          "- Peak memory per method, by role: ![memory](memory.png)",
-          "- Training loss curves: ![curves](curves.png)", "", "## Metrics", ""]
-    md += [f"- **{label}**: `eval.{'.'.join(p)}` ({direction[h]})" for label, p, h in METRICS]
+    md = [f"# {title}", "", "## Verdicts", "", *verdict_lines(found), ""]
+    md += _section("Protocol", protocol) if protocol else []
+    md += _section("Base gate", base_gate) if base_gate else []
+    md += ["## Results", "", markdown_table(agg), "",
+           "- Quality per metric (mean, 95% interval over seeds): ![quality](quality.png)",
+           "- Peak memory per method, by role: ![memory](memory.png)",
+           "- Training loss curves: ![curves](curves.png)", "", "## Metrics", ""]
+    direction = {True: "higher is better", False: "lower is better"}
+    md += [f"- **{label}**: `eval.{'.'.join(p)}` ({NOTES.get(label) or direction[h]})"
+           for label, p, h in METRICS]
     md += ["- **models resident**: models held in memory while training (policy, reference, "
            "critic, reward)",
            "- **peak memory**: sum over roles of each role's measured peak, mean over seeds",
            "- **train s**, **samples/s**: training wall time and throughput, mean over seeds",
-           "", "Bold: the best mean of a column (ties alike; none when all are equal); "
-           "–: not measured."]
+           "", "Cells: mean over seeds ± half-width of its 95% t-interval (no ± with one seed). "
+           "Bold: the best mean of a column (ties alike; none when all are equal); "
+           "–: not measured.",
+           "", "Verdicts: delta = metric(method) - metric(versus), 95% percentile interval of a "
+           "paired bootstrap (2,000 replicates) that resamples seeds and, within each, eval "
+           "images (all probes of an image together); better/worse when the interval excludes "
+           "0. POPE metrics use the adversarial setting."]
     (out / "report.md").write_text("\n".join(md) + "\n")
     return agg

