@@ -237,11 +237,16 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     fn = COMMANDS[args.command][0]
     start = time.perf_counter()
+    from nsft_ray.compare import BaseGateFailed
+
     try:
         fn(args)
     except ConfigError as e:
         print(f"nsft-ray {args.command}: config error: {e}", file=sys.stderr)
         return 2
+    except BaseGateFailed as e:  # a declared stop, not a crash: no traceback
+        print(f"nsft-ray {args.command}: stopped: {e}", file=sys.stderr)
+        return 3
     print(f"# {args.command} finished in {time.perf_counter() - start:.1f} s")
     return 0
 

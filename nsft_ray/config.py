@@ -31,6 +31,7 @@ __all__ = [
     "TrainConfig",
     "NSFTConfig",
     "CompareConfig",
+    "GridConfig",
     "DeepSpeedConfig",
     "DemoConfig",
     "VisionConfig",
@@ -367,18 +368,58 @@ class RewardConfig:
 
 
 @dataclass(frozen=True)
-class CompareConfig:
-    """`nsft-ray compare`: every method from one base on one dataset (see nsft_ray/compare.py)."""
+class GridConfig:
+    """Hyper-parameter candidates per method, chosen on val by `compare.select_metric`.
 
-    methods: tuple[str, ...] = ("base", "sft", "nsft", "dpo", "ppo")
-    seeds: tuple[int, ...] = (0,)
+    Candidate i of a method is the i-th entry of each of its lists. Every method gets the same
+    number of candidates (the same search effort); a grid of one selects nothing.
+    """
+
+    sft_lr: tuple[float, ...] = (5e-4,)
+    nsft_lr: tuple[float, ...] = (5e-4,)
+    dpo_lr: tuple[float, ...] = (5e-4,)
+    dpo_beta: tuple[float, ...] = (0.1,)
+    ppo_lr: tuple[float, ...] = (2e-5,)
+    ppo_kl_coef: tuple[float, ...] = (0.05,)
+
+    def __post_init__(self) -> None:
+        sizes = {f.name: len(getattr(self, f.name)) for f in dataclasses.fields(self)}
+        if len(set(sizes.values())) != 1 or 0 in sizes.values():
+            raise ConfigError("compare.grid: every list needs the same, non-zero number of "
+                              f"candidates (the same search effort per method); got {sizes}")
+
+
+# What `compare` can run: the four methods, the base, and the paper's nSFT ablations.
+CompareMethod = Literal["base", "sft", "nsft", "dpo", "ppo", "nsft_no_chosen", "nsft_kl",
+                        "nsft_refute_only"]
+
+
+@dataclass(frozen=True)
+class CompareConfig:
+    """`nsft-ray compare`: every method from one base on the same rows (see nsft_ray/compare.py)."""
+
+    methods: tuple[CompareMethod, ...] = ("base", "sft", "nsft", "dpo", "ppo")
+    seeds: tuple[int, ...] = (0,)  # vary the alignment run and the data order
     base_model: str = ""  # the common starting checkpoint (HF folder)
-    eval_data: str = ""  # ShapesWorld folder holding the eval split
+    eval_data: str = ""  # ShapesWorld folder holding the val and eval splits
     preferences: str = ""  # preference Parquet (dpo; reward model and prompts for ppo)
     conversations: str = ""  # build-negatives output (sft: chosen; nsft: chosen + negative)
-    steps: int = 120  # optimizer steps for sft, nsft, dpo and the reward model (same budget)
-    lr: float = 5e-4
-    ppo_lr: float = 0.0  # 0: lr
+    # The budget rule: every method sees each shared preference pair `epochs` times (sft its
+    # chosen answer, nsft its chosen answer and its corrections, dpo and the reward model the
+    # pair, ppo its prompt in rollouts).
+    epochs: float = 1.0
+    pairs: int = 0  # the first N shared preference pairs (0: all of them)
+    grid: GridConfig = field(default_factory=GridConfig)
+    # Declared before any run: the val metric that picks each method's candidate.
+    # headline_mean: mean of POPE AUROC, POPE accuracy, 1 - CHAIR_i, attribute, count, position.
+    select_metric: Literal["headline_mean", "pope_auroc", "pope_accuracy"] = "headline_mean"
+    # The base gate, checked on val before anything is trained: POPE accuracy averaged over the
+    # random, popular and adversarial probes must lie in [gate_low, gate_high] (learned, with
+    # errors left for alignment to fix); a base outside it stops the comparison.
+    gate: bool = True
+    gate_low: float = 0.60
+    gate_high: float = 0.90
+    ablation_kl_coef: float = 0.1  # nsft_kl: nSFT with a per-token KL to the base
 
 
 @dataclass(frozen=True)
@@ -486,6 +527,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             raise ConfigError(f"{key}: expected an integer, got {value!r}")
         return value
     if tp is float:
+        if isinstance(value, str) and _looks_like_float(value):
+            value = float(value)  # YAML 1.1 reads "1e-5" as a string, in files and lists too
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{key}: expected a number, got {value!r}")
         return float(value)
@@ -500,12 +543,24 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     raise ConfigError(f"{key}: unsupported config type {tp!r}")  # a bug in a dataclass, not input
 
 
+# Keys that existed once, with what replaces them (a stale config gets a pointed error).
+RENAMED = {
+    "compare.steps": "set compare.epochs (passes over the shared preference pairs, the same "
+                     "for every method) and compare.pairs",
+    "compare.lr": "set compare.grid.sft_lr, nsft_lr and dpo_lr (candidates chosen on val)",
+    "compare.ppo_lr": "set compare.grid.ppo_lr (and compare.grid.ppo_kl_coef)",
+}
+
+
 def from_dict(cls: type, data: dict, prefix: str = "") -> Any:
     """Build dataclass `cls` from a nested dict; unknown keys and wrong types raise."""
     if data is None:
         data = {}
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
+    for k in data:
+        if prefix + k in RENAMED:
+            raise ConfigError(f"{prefix}{k} was replaced: {RENAMED[prefix + k]}")
     unknown = [k for k in data if k not in names]
     if unknown:
         raise ConfigError(

@@ -1,8 +1,9 @@
 """`make demo`: the miniature RLHF-vs-nSFT experiment end to end on an embedded local Ray.
 
-    world ─► init tiny VLM ─► [curriculum: one-object scenes] ─► base SFT
+    world ─► init tiny VLM ─► vision pretraining ─► [curriculum: one-object scenes] ─► base SFT
           ─► on-policy negatives (sampled from base)
-          ─► build-negatives ─► compare: base, sft, nsft, dpo, ppo from the same base ─► report
+          ─► build-negatives ─► compare: base gate on val, shared rows, base, sft, nsft, dpo, ppo
+             from the same base ─► report
 
 Everything goes under OUT (default runs/demo): world/, prefs/, negatives/, runs/<method>-seed<s>/
 (run folders), models/<method>/ (Hugging Face folders), records/, report.md, report.json and PNG
@@ -36,6 +37,7 @@ def run_demo(out: Path, cfg: Config) -> dict:
     from nsft_ray.ray_glue.negatives import build_negatives
     from nsft_ray.ray_glue.sampling import RaySampler
     from nsft_ray.ray_glue.train import ensure_ray, train
+    from nsft_ray.vision import pretrain_vision
     from nsft_ray.world import corpus, write_world
 
     start = time.perf_counter()
@@ -60,6 +62,13 @@ def run_demo(out: Path, cfg: Config) -> dict:
             init, corpus(cfg.world, n=4000, seed=cfg.run.seed), size=cfg.model.size,
             arch=cfg.model.arch, image_size=cfg.world.image_size, seed=cfg.run.seed))
     start_from = init
+    if cfg.vision.steps:  # the stand-in for a pretrained vision encoder (nsft_ray/vision.py)
+        vision = models / "vision"
+        if _stage("vision pretraining (cells' shape, colour, size)", vision):
+            summary = timed("vision", lambda: pretrain_vision(
+                init, world, vision, cfg.vision, cfg.world, seed=cfg.run.seed))
+            print(f"vision read-out on val: {summary['val']}", flush=True)
+        start_from = vision
     if cfg.demo.curriculum_steps:  # single-object scenes first: grounding before language
         curriculum = models / "curriculum"
         if _stage("base SFT, curriculum (few-object scenes)", curriculum):
@@ -70,7 +79,7 @@ def run_demo(out: Path, cfg: Config) -> dict:
             timed("curriculum_world", lambda: write_world(wcfg, cworld, seed=cfg.run.seed + 1))
             crun = out / "runs" / "curriculum"
             timed("curriculum", lambda: train(_with(
-                cfg, run={"dir": str(crun)}, model={"name_or_path": str(init)},
+                cfg, run={"dir": str(crun)}, model={"name_or_path": str(start_from)},
                 train={"data": (str(cworld / "sft_train.parquet"),),
                        "max_steps": cfg.demo.curriculum_steps},
                 optim={"lr": cfg.demo.base_lr, "schedule": "constant"}), "sft"))

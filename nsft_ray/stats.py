@@ -26,7 +26,8 @@ from typing import Any, NamedTuple
 import numpy as np
 
 __all__ = ["Interval", "Delta", "Metric", "HEADLINE", "t_quantile", "mean_ci", "binomial_se",
-           "auroc", "hanley_mcneil_se", "ratio_se", "paired_bootstrap", "verdict"]
+           "auroc", "hanley_mcneil_se", "ratio_se", "paired_bootstrap", "verdict",
+           "headline_values"]
 
 Weights = np.ndarray  # (B, N): how often each of N items is drawn in each of B replicates
 
@@ -238,6 +239,17 @@ def _arrays(items: Mapping[str, Sequence[Any]], order: np.ndarray) -> Arrays:
         "hallucinated": col("hallucinated"),
         "mentions": col("mentions"),
     }
+
+
+def headline_values(items: Mapping[str, Sequence[Any]]) -> dict[str, float]:
+    """Every HEADLINE metric of one evaluation's items, as measured (no resampling)."""
+    a = _arrays(items, np.arange(len(items["key"])))
+    out = {}
+    for name, metric in HEADLINE.items():
+        keep = metric.keep(a)
+        kept = {k: v[keep] for k, v in a.items()}
+        out[name] = float(metric.fn(kept, np.ones((1, int(keep.sum()))))[0])
+    return out
 
 
 def _paired(a: Mapping[str, Sequence], b: Mapping[str, Sequence],

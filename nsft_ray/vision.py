@@ -48,7 +48,8 @@ def cell_targets(scenes: list[Scene], world: WorldConfig) -> dict[str, Tensor]:
     Returns {"shape", "color", "size": (B, 9) long, "background": (B,) long}.
     """
     vocab = {"shape": world.shapes, "color": world.colors, "size": world.sizes}
-    out = {k: torch.zeros(len(scenes), len(POSITIONS), dtype=torch.long) for k in vocab}
+    out = {k: torch.zeros(len(scenes), len(POSITIONS), dtype=torch.long)
+           for k in (*vocab, "pair")}
     background = torch.zeros(len(scenes), dtype=torch.long)
     for i, scene in enumerate(scenes):
         background[i] = world.backgrounds.index(scene.background)
@@ -56,6 +57,12 @@ def cell_targets(scenes: list[Scene], world: WorldConfig) -> dict[str, Tensor]:
             cell = POSITIONS.index(o.position)
             for key, words in vocab.items():
                 out[key][i, cell] = words.index(getattr(o, key)) + 1  # 0 is EMPTY
+            # The (colour, shape) pair as one class: a conjunction the token must carry on its
+            # own, so "is there a red circle?" can match one token instead of two half-matches.
+            out["pair"][i, cell] = (world.colors.index(o.color) * len(world.shapes)
+                                    + world.shapes.index(o.shape) + 1)
+    # Which cell a token covers: an explicit position code for "where is ...?" questions.
+    out["cell"] = torch.arange(len(POSITIONS)).expand(len(scenes), -1).clone()
     return {**out, "background": background}
 
 
@@ -83,6 +90,8 @@ class _Heads(nn.Module):
             "shape": nn.Linear(dim, len(world.shapes) + 1),
             "color": nn.Linear(dim, len(world.colors) + 1),
             "size": nn.Linear(dim, len(world.sizes) + 1),
+            "pair": nn.Linear(dim, len(world.colors) * len(world.shapes) + 1),
+            "cell": nn.Linear(dim, len(POSITIONS)),
         })
         self.background = nn.Linear(dim, len(world.backgrounds))
 

@@ -154,3 +154,17 @@ def test_items_must_pair():
 ])
 def test_verdict(delta, lo, hi, higher, expected):
     assert verdict(delta, lo, hi, higher) == expected
+
+
+def test_headline_values_of_one_evaluation_by_hand():
+    """Fails if a headline metric reads another kind's items or weights them wrongly: 4 count
+    questions with 3 right -> 0.75; captions 1+0 hallucinated of 3+5 mentioned -> 1/8."""
+    from nsft_ray.stats import headline_values
+
+    count = _items(4, correct=[True, True, False, True])
+    caption = _items(2, "caption", correct=[False, True], hallucinated=[1, 0], mentions=[3, 5])
+    merged = {k: count[k] + caption[k] for k in count}
+    values = headline_values(merged)
+    assert values["count"] == pytest.approx(0.75)
+    assert values["CHAIR_i"] == pytest.approx(1 / 8)
+    assert math.isnan(values["attribute"])  # no such items: not computable, not 0
