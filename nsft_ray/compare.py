@@ -1,6 +1,7 @@
-"""`nsft-ray compare`: every method from the same base, on the same rows, under one declared protocol.
+"""`nsft-ray compare`: every method from one base, on the same rows, under a declared protocol.
 
-    nsft-ray compare --config jobs/configs/tiny/compare.yaml --out runs/compare compare.seeds=[0,1,2]
+    nsft-ray compare --config jobs/configs/tiny/compare.yaml --out runs/compare \
+        compare.seeds=[0,1,2]
 
 The protocol, fixed by the config before anything runs and written into report.json:
 
@@ -40,8 +41,8 @@ from typing import Any
 
 from nsft_ray.config import Config, save_config
 
-__all__ = ["BaseGateFailed", "compare", "run_method", "role_bytes", "candidates", "budget",
-           "gate_check", "protocol", "val_score"]
+__all__ = ["BaseGateFailed", "check_base_gate", "compare", "run_method", "role_bytes",
+           "candidates", "budget", "gate_check", "protocol", "val_score"]
 
 TUNED = ("sft", "nsft", "dpo", "ppo")  # methods with a grid of candidates
 # The paper's nSFT ablations: (algorithm, config sections they change).
@@ -119,7 +120,7 @@ def gate_check(result: dict, low: float, high: float) -> dict[str, Any]:
             "auroc": result.get("pope_auroc", {}).get("all")}
 
 
-def _base_gate(cfg: Config, out: Path) -> dict[str, Any] | None:
+def check_base_gate(cfg: Config, out: Path) -> dict[str, Any] | None:
     """Evaluate the base's POPE answers on val and check the gate (once; kept in base_gate.json)."""
     from nsft_ray.eval import evaluate
 
@@ -456,13 +457,14 @@ def compare(cfg: Config, out: Path) -> dict:
     out = out.resolve()
     save_config(cfg, out)
     ensure_ray(cfg.resources.address)
-    gate = _base_gate(cfg, out)
+    gate = check_base_gate(cfg, out)
     counts = _shared_rows(cfg, out) if set(c.methods) - {"base"} else {}
     if counts:
         print(f"shared rows: {counts['shared_pairs']} preference pairs for every method "
               f"({counts['dropped_for_all']} of {counts['preference_rows']} dropped for all: no "
               "corrective conversation could be built)", flush=True)
-    tuned = [m for m in TUNED if m in c.methods or (m == "nsft" and set(ABLATIONS) & set(c.methods))]
+    ablations = set(ABLATIONS) & set(c.methods)  # they use nSFT's choice: nSFT is tuned for them
+    tuned = [m for m in TUNED if m in c.methods or (m == "nsft" and ablations)]
     chosen = {m: _select(m, cfg, out, counts) for m in tuned}
     records = []
     for seed in c.seeds:

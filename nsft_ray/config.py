@@ -135,7 +135,7 @@ class DataConfig:
 class ModelConfig:
     name_or_path: str = ""  # a Hugging Face folder (or hub id on machines that have a hub)
     arch: Literal["idefics3", "llava"] = "idefics3"  # for init-model only
-    size: Literal["tiny", "small"] = "tiny"  # for init-model only
+    size: Literal["tiny", "mini", "small"] = "tiny"  # for init-model only
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     # Parts not trained by sft, nsft, dpo and PPO's actor: "vision" (the vision tower),
     # "connector" (the projector), e.g. [vision] as in LLaVA's second stage. On the from-scratch
@@ -440,13 +440,6 @@ class DemoConfig:
 
     base_steps: int = 600  # optimizer steps of base SFT on the world's SFT conversations
     base_lr: float = 2e-3
-    # Curriculum before base SFT: this many steps (0: none) at base_lr on a world of scenes with
-    # at most `curriculum_max_objects` objects (its own seed and folder, world_curriculum/).
-    # A tiny VLM trained from scratch on the full world learns language and ignores the image for
-    # thousands of steps; one object per scene makes grounding a one-step lookup (see README).
-    curriculum_steps: int = 0
-    curriculum_max_objects: int = 1
-    curriculum_images: int = 1200  # train images of that world (1 object: ~1,550 distinct scenes)
     policy_negatives: bool = True  # sample rejected answers from the base model (on-policy)
     sampler_actors: int = 2  # Ray actors sampling the policy in parallel (1 CPU each)
 
@@ -549,6 +542,9 @@ RENAMED = {
                      "for every method) and compare.pairs",
     "compare.lr": "set compare.grid.sft_lr, nsft_lr and dpo_lr (candidates chosen on val)",
     "compare.ppo_lr": "set compare.grid.ppo_lr (and compare.grid.ppo_kl_coef)",
+    **{f"demo.curriculum_{k}": "the one-object curriculum is gone (it did not help the base); "
+       "vision pretraining (the vision section) grounds the base instead"
+       for k in ("steps", "max_objects", "images")},
 }
 
 

@@ -1,6 +1,6 @@
 """`make demo`: the miniature RLHF-vs-nSFT experiment end to end on an embedded local Ray.
 
-    world ─► init tiny VLM ─► vision pretraining ─► [curriculum: one-object scenes] ─► base SFT
+    world ─► init tiny VLM ─► vision pretraining ─► base SFT
           ─► on-policy negatives (sampled from base)
           ─► build-negatives ─► compare: base gate on val, shared rows, base, sft, nsft, dpo, ppo
              from the same base ─► report
@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from nsft_ray.compare import _with, compare
+from nsft_ray.compare import _with, check_base_gate, compare
 from nsft_ray.config import Config, save_config
 
 __all__ = ["run_demo"]
@@ -32,29 +32,28 @@ def _stage(name: str, out: Path) -> bool:
     return not done
 
 
-def run_demo(out: Path, cfg: Config) -> dict:
+class _Timer:
+    """Seconds per stage, for demo.json."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    def __call__(self, name: str, fn) -> Any:
+        t = time.perf_counter()
+        result = fn()
+        self.seconds[name] = round(time.perf_counter() - t, 1)
+        return result
+
+
+def _base(cfg: Config, out: Path, timed: _Timer) -> Path:
+    """world -> tiny VLM -> vision pretraining -> base SFT; returns the base model folder."""
     from nsft_ray.models import build_tiny_vlm
-    from nsft_ray.ray_glue.negatives import build_negatives
-    from nsft_ray.ray_glue.sampling import RaySampler
-    from nsft_ray.ray_glue.train import ensure_ray, train
+    from nsft_ray.ray_glue.train import train
     from nsft_ray.vision import pretrain_vision
     from nsft_ray.world import corpus, write_world
 
-    start = time.perf_counter()
-    out = out.resolve()
-    save_config(cfg, out)
-    ensure_ray(cfg.resources.address)
-    models = out / "models"
-    timings: dict[str, float] = {}
-
-    def timed(name: str, fn) -> Any:
-        t = time.perf_counter()
-        result = fn()
-        timings[name] = round(time.perf_counter() - t, 1)
-        return result
-
-    world = out / "world"
-    if _stage("world", world / "world.json"):
+    models, world = out / "models", out / "world"
+    if _stage("world (train / val / eval splits)", world / "world.json"):
         timed("world", lambda: write_world(cfg.world, world, seed=cfg.run.seed))
     init = models / "init"
     if _stage("init tiny VLM", init):
@@ -64,27 +63,11 @@ def run_demo(out: Path, cfg: Config) -> dict:
     start_from = init
     if cfg.vision.steps:  # the stand-in for a pretrained vision encoder (nsft_ray/vision.py)
         vision = models / "vision"
-        if _stage("vision pretraining (cells' shape, colour, size)", vision):
+        if _stage("vision pretraining (each cell's shape, colour, size)", vision):
             summary = timed("vision", lambda: pretrain_vision(
                 init, world, vision, cfg.vision, cfg.world, seed=cfg.run.seed))
             print(f"vision read-out on val: {summary['val']}", flush=True)
         start_from = vision
-    if cfg.demo.curriculum_steps:  # single-object scenes first: grounding before language
-        curriculum = models / "curriculum"
-        if _stage("base SFT, curriculum (few-object scenes)", curriculum):
-            cworld = out / "world_curriculum"
-            wcfg = dataclasses.replace(
-                cfg.world, min_objects=1, max_objects=cfg.demo.curriculum_max_objects,
-                n_train=cfg.demo.curriculum_images, n_eval=min(cfg.world.n_eval, 60))
-            timed("curriculum_world", lambda: write_world(wcfg, cworld, seed=cfg.run.seed + 1))
-            crun = out / "runs" / "curriculum"
-            timed("curriculum", lambda: train(_with(
-                cfg, run={"dir": str(crun)}, model={"name_or_path": str(start_from)},
-                train={"data": (str(cworld / "sft_train.parquet"),),
-                       "max_steps": cfg.demo.curriculum_steps},
-                optim={"lr": cfg.demo.base_lr, "schedule": "constant"}), "sft"))
-            shutil.copytree(crun / "model", curriculum)
-        start_from = curriculum
     base = models / "base"
     if _stage("base SFT", base):
         base_run = out / "runs" / "base"
@@ -93,6 +76,14 @@ def run_demo(out: Path, cfg: Config) -> dict:
             train={"data": (str(world / "sft_train.parquet"),), "max_steps": cfg.demo.base_steps},
             optim={"lr": cfg.demo.base_lr}), "sft"))
         shutil.copytree(base_run / "model", base)
+    return base
+
+
+def _negatives(cfg: Config, out: Path, base: Path, timed: _Timer) -> tuple[Path, Path]:
+    """Preference pairs with rejections sampled from the base, then corrective conversations."""
+    from nsft_ray.ray_glue.negatives import build_negatives
+    from nsft_ray.ray_glue.sampling import RaySampler
+    from nsft_ray.world import write_world
 
     prefs = out / "prefs"
     if _stage("preference data (negatives sampled from base)", prefs / "world.json"):
@@ -110,18 +101,33 @@ def run_demo(out: Path, cfg: Config) -> dict:
     if _stage("build-negatives", negatives / "summary.json"):
         timed("negatives", lambda: build_negatives(prefs / "pref_train.parquet", negatives,
                                                    cfg.data, cfg.negatives))
+    return prefs / "pref_train.parquet", negatives / "conversations"
 
-    compare_cfg = _with(cfg, compare={
-        "base_model": str(base), "eval_data": str(world),
-        "preferences": str(prefs / "pref_train.parquet"),
-        "conversations": str(negatives / "conversations")})
+
+def run_demo(out: Path, cfg: Config) -> dict:
+    from nsft_ray.ray_glue.train import ensure_ray
+
+    start = time.perf_counter()
+    out = out.resolve()
+    save_config(cfg, out)
+    ensure_ray(cfg.resources.address)
+    timed = _Timer()
+    base = _base(cfg, out, timed)
+    compare_cfg = _with(cfg, compare={"base_model": str(base), "eval_data": str(out / "world")})
+    # The declared gate, before anything is spent on negatives: a failed base stops here.
+    print("\n=== base gate (POPE on val)", flush=True)
+    timed("gate", lambda: check_base_gate(compare_cfg, out))
+    preferences, conversations = _negatives(cfg, out, base, timed)
+    compare_cfg = _with(compare_cfg, compare={"preferences": str(preferences),
+                                              "conversations": str(conversations)})
     agg = timed("compare", lambda: compare(compare_cfg, out))
+    models = out / "models"
     for path in sorted((out / "records").glob("*-seed*.json")):
         record = json.loads(path.read_text())
         target = models / record["method"]
         if record["method"] != "base" and not target.exists():
             shutil.copytree(record["model"], target)  # models/<method>/: a Hugging Face folder
-    report = {"methods": agg, "stage_seconds": timings,
+    report = {"methods": agg, "stage_seconds": timed.seconds,
               "demo_seconds": round(time.perf_counter() - start, 1)}
     (out / "demo.json").write_text(json.dumps(report, indent=2))
     print(f"\nreport: {out / 'report.md'}  {out / 'report.json'}  (+ PNG plots); "

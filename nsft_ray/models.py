@@ -111,6 +111,7 @@ class _Size:
 
 SIZES = {
     "tiny": _Size(512, 128, 4, 4, 512, 128, 2, 4, 256),  # ~1.6M parameters
+    "mini": _Size(512, 256, 4, 8, 1024, 128, 2, 4, 256),  # ~4.6M: the tiny tower, a wider LM
     "small": _Size(2048, 512, 8, 8, 1536, 384, 4, 6, 1536),  # ~36M parameters
 }
 PATCH_SIZE = 16

@@ -46,7 +46,7 @@ def perturbed(model, seed=1):
     policy = frozen_copy(model).train()
     with torch.no_grad():
         for p in policy.parameters():
-            p.add_(0.02 * torch.randn_like(p))
+            p.add_(0.05 * torch.randn_like(p))
             p.requires_grad_(True)
     return policy
 

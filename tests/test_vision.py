@@ -24,6 +24,9 @@ def test_cell_targets_by_hand():
     assert t["color"].tolist() == [[0, 0, 3, 0, 0, 0, 1, 0, 0]]
     assert t["size"].tolist() == [[0, 0, 2, 0, 0, 0, 1, 0, 0]]
     assert t["background"].tolist() == [2]  # plain, striped, dotted, checkered
+    # the (colour, shape) pair as one class: colour index * 4 shapes + shape index + 1
+    assert t["pair"].tolist() == [[0, 0, 2 * 4 + 3 + 1, 0, 0, 0, 1, 0, 0]]
+    assert t["cell"].tolist() == [list(range(9))]
 
 
 def test_image_tokens_follow_the_grid(tmp_path):
