@@ -117,7 +117,7 @@ def gate_check(result: dict, low: float, high: float) -> dict[str, Any]:
             "value": round(value, 4), "low": low, "high": high,
             "passed": low <= value <= high,
             "adversarial": result["pope"]["adversarial"]["accuracy"],
-            "auroc": result.get("pope_auroc", {}).get("all")}
+            "auroc": result["pope"].get("all", {}).get("auroc")}  # threshold-free, beside it
 
 
 def check_base_gate(cfg: Config, out: Path) -> dict[str, Any] | None:

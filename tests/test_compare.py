@@ -79,9 +79,11 @@ def test_gate_check_mean_of_three_pope_settings():
                        "adversarial": {"accuracy": 0.45}}}
     gate = gate_check(result, 0.6, 0.9)
     assert gate["value"] == pytest.approx(0.65) and gate["passed"]
-    assert gate["adversarial"] == 0.45
+    assert gate["adversarial"] == 0.45 and gate["auroc"] is None  # no "all" entry given
     assert not gate_check(result, 0.7, 0.9)["passed"]  # 0.65 below the declared low
     assert not gate_check(result, 0.5, 0.6)["passed"]  # above the declared high
+    result["pope"]["all"] = {"accuracy": 0.6, "auroc": 0.71}
+    assert gate_check(result, 0.6, 0.9)["auroc"] == 0.71  # reported beside, never gating
 
 
 def _tiny_inputs(tmp_path):
