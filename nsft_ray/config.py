@@ -438,6 +438,12 @@ class VisionConfig:
 class DemoConfig:
     """The miniature experiment: base SFT, negatives, then `compare` from that base."""
 
+    # Grounding stage before base SFT: this many steps (0: none) on the world's single-turn
+    # existence conversations alone, so the LM learns the content lookup "is this colour-shape
+    # pair among the image tokens" before captions and other questions dilute its signal.
+    grounding_steps: int = 0
+    grounding_batch_size: int = 32
+    grounding_lr: float = 1e-3
     base_steps: int = 600  # optimizer steps of base SFT on the world's SFT conversations
     base_lr: float = 2e-3
     policy_negatives: bool = True  # sample rejected answers from the base model (on-policy)

@@ -1,6 +1,6 @@
 """`make demo`: the miniature RLHF-vs-nSFT experiment end to end on an embedded local Ray.
 
-    world ─► init tiny VLM ─► vision pretraining ─► base SFT
+    world ─► init tiny VLM ─► vision pretraining ─► [grounding: existence questions] ─► base SFT
           ─► on-policy negatives (sampled from base)
           ─► build-negatives ─► compare: base gate on val, shared rows, base, sft, nsft, dpo, ppo
              from the same base ─► report
@@ -68,6 +68,11 @@ def _base(cfg: Config, out: Path, timed: _Timer) -> Path:
                 init, world, vision, cfg.vision, cfg.world, seed=cfg.run.seed))
             print(f"vision read-out on val: {summary['val']}", flush=True)
         start_from = vision
+    if cfg.demo.grounding_steps:
+        grounding = models / "grounding"
+        if _stage("grounding SFT (single-turn existence questions)", grounding):
+            timed("grounding", lambda: _grounding(cfg, out, start_from, grounding))
+        start_from = grounding
     base = models / "base"
     if _stage("base SFT", base):
         base_run = out / "runs" / "base"
@@ -77,6 +82,25 @@ def _base(cfg: Config, out: Path, timed: _Timer) -> Path:
             optim={"lr": cfg.demo.base_lr}), "sft"))
         shutil.copytree(base_run / "model", base)
     return base
+
+
+def _grounding(cfg: Config, out: Path, start_from: Path, model_out: Path) -> None:
+    """SFT on the train split's single-turn existence conversations only (ids "...-existN")."""
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    from nsft_ray.ray_glue.train import train
+
+    rows = pq.read_table(out / "world" / "sft_train.parquet")
+    existence = rows.filter(pc.match_substring(rows["id"], "-exist"))
+    path = out / "world" / "sft_train_existence.parquet"
+    pq.write_table(existence, path)
+    run = out / "runs" / "grounding"
+    train(_with(cfg, run={"dir": str(run)}, model={"name_or_path": str(start_from)},
+                train={"data": (str(path),), "max_steps": cfg.demo.grounding_steps,
+                       "micro_batch_size": cfg.demo.grounding_batch_size},
+                optim={"lr": cfg.demo.grounding_lr}), "sft")
+    shutil.copytree(run / "model", model_out)
 
 
 def _negatives(cfg: Config, out: Path, base: Path, timed: _Timer) -> tuple[Path, Path]:
