@@ -262,9 +262,13 @@ def _train(method: str, stage: Config, out: Path, counts: dict) -> tuple[dict, l
 
     run_dir = Path(stage.run.dir)
     if method == "ppo":
-        return _run_ppo(stage, out, counts), _curve(run_dir, "ppo/actor/policy_loss")
-    algo = algo_of(method)
-    return train(stage, algo), _curve(run_dir, f"{algo}/loss")
+        return _run_ppo(stage, out, counts), _curve(run_dir, _loss_key(method))
+    return train(stage, algo_of(method)), _curve(run_dir, _loss_key(method))
+
+
+def _loss_key(method: str) -> str:
+    """The metric a method's loss curve is drawn from."""
+    return "ppo/actor/policy_loss" if method == "ppo" else f"{algo_of(method)}/loss"
 
 
 def _curve(run_dir: Path, key: str) -> list[dict]:
@@ -361,15 +365,14 @@ def run_method(method: str, seed: int, cfg: Config, out: Path, counts: dict,
     stage = _with(cfg, run={"seed": seed}, model={"name_or_path": c.base_model})
     model_dir = Path(c.base_model)
     if method != "base":
-        tuned = algo_of(method) if method in ABLATIONS else method
+        tuned = algo_of(method)  # the ablations use nSFT's chosen candidate
         i = chosen[tuned]
         run_dir = out / "runs" / (f"{method}-c{i}-seed{seed}" if method in TUNED
                                   else f"{method}-seed{seed}")
         stage = _stage(method, candidates(tuned, cfg)[i], seed, cfg, out, run_dir, counts)
         if (run_dir / "model").exists() and (run_dir / "summary.json").exists():
             summary = json.loads((run_dir / "summary.json").read_text())  # a selection run
-            curve = _curve(run_dir, "ppo/actor/policy_loss" if method == "ppo"
-                           else f"{algo_of(method)}/loss")
+            curve = _curve(run_dir, _loss_key(method))
         else:
             summary, curve = _train(method, stage, out, counts)
         model_dir = run_dir / "model"

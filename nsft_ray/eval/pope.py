@@ -27,6 +27,7 @@ from collections import Counter
 from dataclasses import dataclass
 
 from nsft_ray.stats import auroc, binomial_se, hanley_mcneil_se
+from nsft_ray.world.language import similarity
 from nsft_ray.world.scene import Scene
 
 __all__ = ["SETTINGS", "PopeItem", "object_stats", "pope_items", "parse_yes_no", "yes_no_metrics",
@@ -68,11 +69,9 @@ def _negatives(
     if setting == "popular":
         return sorted(absent, key=lambda c: (-freq[c], order[c]))[:k]
     if setting == "adversarial":
-        def similar(c: Combo) -> int:
-            return sum(c[0] == p[0] or c[1] == p[1] for p in present)
-
-        return sorted(absent, key=lambda c: (-similar(c), -sum(cooc[(p, c)] for p in present),
-                                             order[c]))[:k]
+        # The same similarity the world uses for its adversarial "no" training questions.
+        return sorted(absent, key=lambda c: (-similarity(c, scene),
+                                             -sum(cooc[(p, c)] for p in present), order[c]))[:k]
     raise ValueError(f"POPE setting {setting!r}: expected one of {SETTINGS}")
 
 
