@@ -9,6 +9,7 @@
     nsft-ray serve --model base=DIR --model nsft=DIR [--port 8000]  (or --config FILE)
     nsft-ray submit [--address URL] -- python jobs/train.py ...     (exit code = job status)
     nsft-ray demo --out runs/demo
+    nsft-ray data inspect PATH [--rows N] [key=value ...]   (e.g. data.format=auto)
 
 Every command loads the typed config (YAML + dotted overrides), prints the resolved config, saves it
 in its output folder, and calls one library function. Heavy imports happen inside the commands so
@@ -218,10 +219,33 @@ def _serve(argv: list[str]) -> int:
     return serve_main(argv)
 
 
+def _data(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="nsft-ray data", description="look at preference or conversation data before "
+                                          "training on it (no Ray needed)")
+    sub = parser.add_subparsers(dest="action", required=True)
+    p = sub.add_parser("inspect", help="format (detected with data.format=auto), row count, "
+                                       "column -> contract mapping, first rows, quarantine counts")
+    p.add_argument("path", help="a file or a folder of shards")
+    p.add_argument("--config", help="YAML config file (its data section is used)")
+    p.add_argument("--rows", type=int, default=3, help="first rows to show")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.add_argument("overrides", nargs="*", metavar="key=value",
+                   help="dotted config overrides, e.g. data.format=auto data.root=images/")
+    args = parser.parse_args(argv)
+    from nsft_ray.data_inspect import format_report, inspect_input
+
+    cfg = load_config(args.config, args.overrides)
+    report = inspect_input(args.path, cfg.data, n_rows=args.rows)
+    print(json.dumps(report, indent=2) if args.json else format_report(report))
+    return 0
+
+
 # Commands with their own argument parsers (they pass arguments through).
 PASSTHROUGH = {
     "serve": (_serve, "host models over OpenAI-compatible HTTP with Ray Serve (see serve/)"),
     "submit": (_submit, "submit a jobs/*.py entrypoint to a Ray cluster and follow it"),
+    "data": (_data, "data inspect PATH: how a file will be read (format, mapping, quarantine)"),
 }
 
 

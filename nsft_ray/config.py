@@ -120,8 +120,14 @@ class ValidationConfig:
 class DataConfig:
     """Where input rows come from and how their columns map onto the data contract."""
 
-    format: Literal["parquet", "jsonl", "llava"] = "parquet"
+    # parquet | jsonl (our contract, column-mapped), llava (conversations), the published
+    # preference layouts read unchanged (nsft_ray/formats.py), or auto (detected and printed).
+    format: Literal["parquet", "jsonl", "llava", "rlaif-v", "rlhf-v", "vlfeedback", "povid",
+                    "llava-rlhf", "hadpo", "trl", "auto"] = "parquet"
     root: str = ""  # image paths are resolved against this folder (default: the input's folder)
+    # format=vlfeedback: chosen = the best-rated, rejected = the worst-rated answer on this aspect
+    vlfeedback_aspect: Literal["Visual Faithfulness", "Helpfulness",
+                               "Ethical Considerations"] = "Visual Faithfulness"
     # Column mapping, as OpenRLHF and TRL users expect.
     id_key: str = "id"
     image_key: str = "image"

@@ -1,4 +1,5 @@
-"""Readers: preference rows (our Parquet, JSONL + image folder) and conversation rows (LLaVA JSON).
+"""Readers: preference rows (our Parquet, JSONL + image folder, the published layouts of
+:mod:`nsft_ray.formats`) and conversation rows (LLaVA JSON).
 
     table = read_preference_file("prefs.jsonl", DataConfig(format="jsonl", chosen_key="answer_a"))
 
@@ -11,13 +12,18 @@ reason. So ``read == valid + quarantined`` holds end to end. Only problems with 
 
 Image references are resolved against ``DataConfig.root``, by default the input's folder (the
 input itself when it is a folder of shards). The functions below work on one file or one batch
-at a time, so ``nsft_ray.ray_glue.data`` runs the same code inside Ray Data tasks.
+at a time, so ``nsft_ray.ray_glue.data`` runs the same code inside Ray Data tasks; Parquet is
+read batch by batch (:func:`iter_preference_batches`), JSON a document per file.
+``data.format=auto`` detects the layout from the columns or the first record's keys
+(:func:`detect_format`) and says what it detected.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
-from collections.abc import Iterable
+import sys
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -25,11 +31,13 @@ import pyarrow as pa
 import pyarrow.dataset as pads
 
 from nsft_ray.config import DataConfig
-from nsft_ray.schema import CONVERSATION_SCHEMA, PREFERENCE_SCHEMA, dumps_meta
+from nsft_ray.formats import LAYOUTS, detect_layout, document_records, record_mapper
+from nsft_ray.schema import CONVERSATION_SCHEMA, PREFERENCE_SCHEMA, dumps_meta, loads_meta
 
 __all__ = [
     "DataFileError",
     "FORMAT_KIND",
+    "PARQUET_FORMATS",
     "READ_ERROR",
     "resolve_root",
     "split_records",
@@ -39,7 +47,12 @@ __all__ = [
     "check_conversation_columns",
     "check_input",
     "identity_mapping",
+    "layout_row",
     "open_parquet",
+    "streaming_scan_options",
+    "detect_format",
+    "resolve_format",
+    "iter_preference_batches",
     "PREFERENCE_READERS",
     "CONVERSATION_READERS",
     "read_preference_file",
@@ -47,7 +60,11 @@ __all__ = [
 ]
 
 READ_ERROR = "read_error"  # meta key carrying a reader's {"reason", "detail"} to the validator
-FORMAT_KIND = {"parquet": "preference", "jsonl": "preference", "llava": "conversation"}
+FORMAT_KIND = {"parquet": "preference", "jsonl": "preference", "llava": "conversation",
+               **{name: "preference" for name in LAYOUTS}}
+# Formats stored as Parquet: read batch by batch, never as a whole file.
+PARQUET_FORMATS = {"parquet", *(n for n, lay in LAYOUTS.items() if lay.storage == "parquet")}
+READ_BATCH_ROWS = 256  # rows per Parquet batch in the local readers
 # LLaVA speaker names -> contract roles; anything else is kept so the validator can name it.
 LLAVA_ROLES = {"human": "user", "gpt": "assistant", "user": "user", "assistant": "assistant"}
 IMAGE_PLACEHOLDER = "<image>"
@@ -173,24 +190,68 @@ def conversation_row(raw: dict, cfg: DataConfig, root: Path, fallback_id: str | 
             "meta": dumps_meta({"source": source, **meta, **next((e for e in errors if e), {})})}
 
 
+IDENTITY = DataConfig()  # a layout's mapped record already uses the contract's names
+
+
+def layout_row(raw: dict, cfg: DataConfig, root: Path, fallback_id: str | None,
+               source: str) -> dict[str, Any]:
+    """One record of a published layout (`cfg.format`, see nsft_ray.formats) -> a preference row.
+
+    The layout's own error (a rating tie, a malformed JSON field, ...) is the one reported, before
+    any the generic reading finds (a missing image file, a non-string text).
+    """
+    mapped = record_mapper(cfg.format, cfg.vlfeedback_aspect)(raw)
+    error = mapped.pop("error", None)
+    candidates = mapped.pop("image_candidates", None)
+    if mapped.get("image") is None and candidates:
+        found = next((c for c in candidates if (root / c).is_file()), None)
+        mapped["image"] = found
+        if found is None and error is None:
+            error = ("image_not_found", f"image: none of {', '.join(candidates)} exists under "
+                                        f"the data root {root}")
+    mapped["meta"] = _jsonable(mapped.get("meta") or {})
+    row = preference_row(mapped, IDENTITY, root, fallback_id, source)
+    if error:
+        row["meta"] = dumps_meta({**loads_meta(row["meta"]), **_read_error(*error)})
+    return row
+
+
+def _is_document(data: bytes, path: str, fmt: str) -> bool:
+    """True when the file is one JSON document (a list, or HA-DPO's dict), not JSON Lines."""
+    layout = LAYOUTS.get(fmt)
+    if fmt == "llava" or (layout is not None and layout.storage == "json"):
+        return not path.endswith(".jsonl")
+    # A JSON Lines layout (VLFeedback) re-published as one JSON array is read as the array.
+    return layout is not None and data.lstrip()[:1] == b"["
+
+
+def _document_records(data: bytes, path: str, fmt: str) -> list:
+    try:
+        doc = json.loads(data)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise DataFileError(f"{path}: not valid JSON ({e}); data.format={fmt} is a JSON "
+                            "document per file (JSON Lines in a .jsonl file)") from e
+    if fmt == "llava":
+        if not isinstance(doc, list):
+            raise DataFileError(f"{path}: expected a JSON list of LLaVA records, "
+                                f"got a JSON {type(doc).__name__}")
+        return doc
+    try:
+        return document_records(fmt, doc)
+    except ValueError as e:
+        raise DataFileError(f"{path}: {e} (data.format={fmt})") from e
+
+
 def split_records(data: bytes, path: str, fmt: str) -> list[dict[str, Any]]:
     """A JSONL or JSON-array file's bytes -> [{"path", "line", "text"}], one per record.
 
     Lines are split here and parsed in :func:`records_to_table`, so one bad line costs one row.
     """
     if data[:4] == b"PAR1":
-        raise DataFileError(f"{path}: this is a Parquet file, but data.format={fmt!r}; "
-                            "set data.format=parquet")
-    is_array = fmt == "llava" and not path.endswith(".jsonl")
-    if is_array:
-        try:
-            records = json.loads(data)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise DataFileError(f"{path}: not valid JSON ({e}); LLaVA data is a JSON list of "
-                                "records, or JSON Lines in a .jsonl file") from e
-        if not isinstance(records, list):
-            raise DataFileError(f"{path}: expected a JSON list of LLaVA records, "
-                                f"got a JSON {type(records).__name__}")
+        raise DataFileError(f"{path}: this is a Parquet file, but data.format={fmt!r}; set "
+                            "data.format=parquet (our contract), rlaif-v, rlhf-v, trl or auto")
+    if _is_document(data, path, fmt):
+        records = _document_records(data, path, fmt)
         return [{"path": path, "line": i, "text": json.dumps(r)} for i, r in enumerate(records, 1)]
     if data.lstrip()[:1] == b"[":
         raise DataFileError(f"{path}: a JSON array, not JSON Lines (one object per line); "
@@ -208,6 +269,8 @@ def records_to_table(records: Iterable[dict[str, Any]], cfg: DataConfig, root: P
     """[{"path", "line", "text"}] -> a PREFERENCE_SCHEMA or CONVERSATION_SCHEMA table (`kind`)."""
     make, schema = {"preference": (preference_row, PREFERENCE_SCHEMA),
                     "conversation": (conversation_row, CONVERSATION_SCHEMA)}[kind]
+    if cfg.format in LAYOUTS:
+        make = layout_row
     rows = []
     for rec in records:
         p = Path(rec["path"])
@@ -231,6 +294,14 @@ def records_to_table(records: Iterable[dict[str, Any]], cfg: DataConfig, root: P
 def check_parquet_columns(schema: pa.Schema, cfg: DataConfig, path: str | Path) -> None:
     """Raise DataFileError naming the first required column (after the mapping) that is absent."""
     names = set(schema.names)
+    if cfg.format in LAYOUTS:  # a published layout's columns are fixed, not mapped
+        missing = [c for c in LAYOUTS[cfg.format].signature if c not in names]
+        if missing:
+            raise DataFileError(
+                f"{path}: missing column {missing[0]!r} of data.format={cfg.format} (expected "
+                f"{', '.join(LAYOUTS[cfg.format].signature)}); columns present: "
+                f"{', '.join(schema.names)}")
+        return
     for field in ("id", "prompt", "chosen", "rejected"):
         key = getattr(cfg, f"{field}_key")
         if key not in names:
@@ -251,6 +322,9 @@ def identity_mapping(cfg: DataConfig) -> bool:
 
 def normalize_parquet(batch: pa.Table, cfg: DataConfig, root: str, source: str) -> pa.Table:
     """A Parquet batch in the user's columns -> PREFERENCE_SCHEMA (mapping, image paths, meta)."""
+    if cfg.format in LAYOUTS:
+        rows = [layout_row(r, cfg, Path(root), None, source) for r in batch.to_pylist()]
+        return pa.Table.from_pylist(rows, schema=PREFERENCE_SCHEMA)
     if batch.schema.equals(PREFERENCE_SCHEMA) and identity_mapping(cfg):
         return batch  # our own files: nothing to map
     rows = [preference_row(r, cfg, Path(root), None, source) for r in batch.to_pylist()]
@@ -265,17 +339,71 @@ def open_parquet(path: Path) -> pads.Dataset:
         raise DataFileError(f"{path}: not a readable Parquet file or folder of shards ({e})") from e
 
 
-def _read_parquet(path: Path, cfg: DataConfig) -> pa.Table:
+def streaming_scan_options() -> pads.ParquetFragmentScanOptions:
+    """Parquet scan options under which memory stays flat whatever the file's size.
+
+    Arrow's default pre_buffer=True fetches every row group's column chunks of the file before
+    the first batch: measured, a 96 MiB file of images held 100 MiB while read 8 rows at a time,
+    and 16 MiB without it (tests/test_formats.py).
+    """
+    return pads.ParquetFragmentScanOptions(pre_buffer=False, use_buffered_stream=True,
+                                           buffer_size=8 << 20)
+
+
+def _parquet_batches(path: Path, cfg: DataConfig, batch_rows: int) -> Iterator[pa.Table]:
     dataset = open_parquet(path)
     check_parquet_columns(dataset.schema, cfg, path)
-    return normalize_parquet(dataset.to_table(), cfg, str(resolve_root(path, cfg)), path.name)
+    root = str(resolve_root(path, cfg))
+    # No read-ahead and no scan threads either: both decode batches (images) ahead of us, and
+    # the mapping below, in Python, is the slow part anyway.
+    for batch in dataset.to_batches(batch_size=batch_rows, batch_readahead=0,
+                                    fragment_readahead=0, use_threads=False,
+                                    fragment_scan_options=streaming_scan_options()):
+        yield normalize_parquet(pa.Table.from_batches([batch]), cfg, root, path.name)
+
+
+def _json_files(path: Path) -> list[Path]:
+    return ([f for f in sorted(path.iterdir()) if f.suffix in (".json", ".jsonl")]
+            if path.is_dir() else [path])
+
+
+def _json_batches(path: Path, cfg: DataConfig, kind: str, batch_rows: int,
+                  ) -> Iterator[pa.Table]:
+    root = resolve_root(path, cfg)
+    for f in _json_files(path):  # a JSON document is parsed whole, one file at a time
+        records = split_records(f.read_bytes(), str(f), cfg.format)
+        for start in range(0, len(records), batch_rows):
+            yield records_to_table(records[start:start + batch_rows], cfg, root, kind)
+
+
+def iter_preference_batches(path: str | Path, cfg: DataConfig,
+                            batch_rows: int = READ_BATCH_ROWS) -> Iterator[pa.Table]:
+    """A preference input as PREFERENCE_SCHEMA tables of at most `batch_rows` rows.
+
+    Parquet (ours and the published Parquet layouts) is read a batch at a time, never as a
+    whole file, so memory stays flat whatever the file's size; JSON one file at a time.
+    `data.format=auto` is resolved first (and what was detected is printed).
+    """
+    cfg = resolve_format(path, cfg)
+    p = check_input(path, cfg, PREFERENCE_READERS, "preference")
+    if cfg.format in PARQUET_FORMATS:
+        yield from _parquet_batches(p, cfg, batch_rows)
+    else:
+        yield from _json_batches(p, cfg, "preference", batch_rows)
+
+
+def _concat(tables: Iterable[pa.Table], schema: pa.Schema) -> pa.Table:
+    tables = list(tables)
+    return pa.concat_tables(tables) if tables else schema.empty_table()
+
+
+def _read_parquet(path: Path, cfg: DataConfig) -> pa.Table:
+    return _concat(_parquet_batches(path, cfg, READ_BATCH_ROWS), PREFERENCE_SCHEMA)
 
 
 def _read_json_records(path: Path, cfg: DataConfig, kind: str) -> pa.Table:
-    files = ([f for f in sorted(path.iterdir()) if f.suffix in (".json", ".jsonl")]
-             if path.is_dir() else [path])
-    records = [r for f in files for r in split_records(f.read_bytes(), str(f), cfg.format)]
-    return records_to_table(records, cfg, resolve_root(path, cfg), kind)
+    schema = PREFERENCE_SCHEMA if kind == "preference" else CONVERSATION_SCHEMA
+    return _concat(_json_batches(path, cfg, kind, READ_BATCH_ROWS), schema)
 
 
 def check_conversation_columns(schema: pa.Schema, path: str | Path) -> None:
@@ -295,6 +423,9 @@ def _read_conversation_parquet(path: Path, cfg: DataConfig) -> pa.Table:
 PREFERENCE_READERS = {
     "parquet": _read_parquet,
     "jsonl": lambda path, cfg: _read_json_records(path, cfg, "preference"),
+    # The published layouts (nsft_ray.formats): Parquet ones by batch, JSON ones by file.
+    **{name: _read_parquet if name in PARQUET_FORMATS
+       else (lambda path, cfg: _read_json_records(path, cfg, "preference")) for name in LAYOUTS},
 }
 CONVERSATION_READERS = {
     "parquet": _read_conversation_parquet,
@@ -315,11 +446,68 @@ def check_input(path: str | Path, cfg: DataConfig, readers: dict, what: str) -> 
 
 def read_preference_file(path: str | Path, cfg: DataConfig) -> pa.Table:
     """A preference file (or folder of shards) in `cfg.format` -> a PREFERENCE_SCHEMA table."""
+    cfg = resolve_format(path, cfg)
     p = check_input(path, cfg, PREFERENCE_READERS, "preference")
     return PREFERENCE_READERS[cfg.format](p, cfg)
 
 
 def read_conversation_file(path: str | Path, cfg: DataConfig) -> pa.Table:
     """Our conversation Parquet or LLaVA JSON (cfg.format) -> a CONVERSATION_SCHEMA table."""
+    cfg = resolve_format(path, cfg)
     p = check_input(path, cfg, CONVERSATION_READERS, "conversation")
     return CONVERSATION_READERS[cfg.format](p, cfg)
+
+
+def _first_record_keys(f: Path) -> list[str]:
+    """The keys of a JSON file's first record: one line of JSON Lines, else the whole document."""
+    with f.open("rb") as fh:
+        line = fh.readline()
+    try:
+        first = json.loads(line) if line.lstrip()[:1] == b"{" else None
+    except json.JSONDecodeError:
+        first = None  # a pretty-printed document: its first line is not a record
+    if first is None:
+        try:
+            doc = json.loads(f.read_bytes())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise DataFileError(f"{f}: data.format=auto: not JSON Lines and not a JSON "
+                                f"document ({e})") from e
+        first = next((r for r in doc if isinstance(r, dict)), {}) if isinstance(doc, list) else doc
+    values = list(first.values()) if isinstance(first, dict) else []
+    if values and all(isinstance(v, dict) and "chosen" in v for v in values):
+        return ["image_id", *values[0]]  # HA-DPO's desc_data.json: {image_id: {chosen, ...}}
+    return list(first) if isinstance(first, dict) else []
+
+
+def detect_format(path: str | Path) -> tuple[str, str]:
+    """The data.format of a file or folder, from its Parquet columns or first JSON record.
+
+    Returns (format, what was seen); DataFileError when no format matches, naming the keys.
+    """
+    p = Path(path)
+    if not p.exists():
+        raise DataFileError(f"{p}: no such file or folder (data.format=auto)")
+    suffixes = (".parquet", ".json", ".jsonl")
+    files = [f for f in sorted(p.iterdir()) if f.suffix in suffixes] if p.is_dir() else [p]
+    if not files:
+        raise DataFileError(f"{p}: data.format=auto: the folder holds no "
+                            f"{', '.join(suffixes)} files")
+    with files[0].open("rb") as fh:
+        is_parquet = fh.read(4) == b"PAR1"
+    if is_parquet:
+        keys, storage = open_parquet(p).schema.names, "parquet"
+    else:
+        keys, storage = _first_record_keys(files[0]), "json"
+    name, why = detect_layout(keys, storage)
+    if name is None:
+        raise DataFileError(f"{p}: data.format=auto: {why}; set data.format explicitly")
+    return name, why
+
+
+def resolve_format(path: str | Path, cfg: DataConfig) -> DataConfig:
+    """`cfg` itself, or for data.format=auto a copy with the detected format (printed)."""
+    if cfg.format != "auto":
+        return cfg
+    name, why = detect_format(path)
+    print(f"data.format=auto: {path}: detected {name} ({why})", file=sys.stderr)
+    return dataclasses.replace(cfg, format=name)

@@ -21,6 +21,7 @@ from PIL import Image
 
 from nsft_ray.config import ValidationConfig
 from nsft_ray.data import READ_ERROR
+from nsft_ray.formats import LAYOUT_REASONS
 from nsft_ray.schema import ORIGINS, ROLES, quarantine_table
 
 __all__ = [
@@ -38,6 +39,8 @@ REASONS = {
     "malformed_json": "a JSON line or record could not be parsed",
     "image_not_found": "the image path does not exist under the data root",
     "image_unreadable": "the image path exists but could not be read",
+    # from the readers of the published layouts (nsft_ray.formats)
+    **LAYOUT_REASONS,
     # from the validator, in the order they are checked
     "missing_field": "a required field is absent or null",
     "wrong_type": "a field holds a value of the wrong type",
