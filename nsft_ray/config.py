@@ -42,6 +42,7 @@ __all__ = [
     "PPOConfig",
     "DPOConfig",
     "RewardConfig",
+    "PlanConfig",
     "Config",
     "load_config",
     "from_dict",
@@ -457,6 +458,29 @@ class DemoConfig:
 
 
 @dataclass(frozen=True)
+class PlanConfig:
+    """`nsft-ray plan` (nsft_ray/plan.py): the model's size when its config.json is not on this
+    machine, and the limits within which roles are placed on cluster.yaml's node types."""
+
+    # Used when the model folder has no local config.json (e.g. it lives on the cluster's shared
+    # storage); 0: unknown, and the planner refuses (it has nothing to size).
+    num_parameters: int = 0
+    hidden_size: int = 0  # 0: unknown (activations and KV cache are not estimated)
+    num_layers: int = 0
+    kv_dim: int = 0  # num_key_value_heads * head_dim per layer (grouped-query attention); 0: hidden
+    vocab_size: int = 0  # 0: unknown (logits are not counted in the activations)
+    image_tokens: int = 0  # LM tokens per image (LLaVA-1.5: 576); 0: unknown
+    max_workers: int = 0  # caps every node type's max_workers; 0: cluster.yaml's own
+    # GiB per accelerator and GiB of host memory per node, by node type, for instance types the
+    # planner does not know (plan.INSTANCES), e.g. {worker.a100.8x: 80}
+    accelerator_gib: dict[str, float] = field(default_factory=dict)
+    host_gib: dict[str, float] = field(default_factory=dict)
+    # Share of an accelerator's memory a role may plan on: the CUDA context, NCCL buffers and the
+    # caching allocator's fragmentation take the rest (vLLM's gpu_memory_utilization default, 0.9).
+    usable_fraction: float = 0.9
+
+
+@dataclass(frozen=True)
 class Config:
     run: RunConfig = field(default_factory=RunConfig)
     world: WorldConfig = field(default_factory=WorldConfig)
@@ -475,6 +499,7 @@ class Config:
     ppo: PPOConfig = field(default_factory=PPOConfig)
     dpo: DPOConfig = field(default_factory=DPOConfig)
     reward: RewardConfig = field(default_factory=RewardConfig)
+    plan: PlanConfig = field(default_factory=PlanConfig)
 
 
 # ---------------------------------------------------------------------------------------------
