@@ -13,9 +13,19 @@ import os
 import sys
 import time
 
+from ray.exceptions import AuthenticationError
 from ray.job_submission import JobStatus, JobSubmissionClient
 
-__all__ = ["submit"]
+__all__ = ["AUTH_HINT", "submit"]
+
+# Ray 2.60 enables token authentication: a client finds the head's token only in token mode.
+AUTH_HINT = (
+    "the Ray head refused this client (token authentication, on by default since Ray 2.60). "
+    "Run with RAY_AUTH_MODE=token: the client then reads the token `ray start` wrote "
+    "(~/.ray/auth_token on the head's machine; elsewhere copy it there, or set RAY_AUTH_TOKEN "
+    "or RAY_AUTH_TOKEN_PATH). A head started with RAY_AUTH_MODE=disabled needs the same on "
+    "the client"
+)
 
 TERMINAL = {JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED}
 
@@ -49,13 +59,16 @@ def submit(entrypoint: list[str], *, address: str = "", working_dir: str = ".",
     if not entrypoint:
         raise ValueError("nothing to run: give the entrypoint after --, "
                          "e.g. -- python jobs/train.py --algo sft ...")
-    client = JobSubmissionClient(address)
     runtime_env = {
         "working_dir": working_dir,
         "excludes": [".venv", "runs", ".git", "**/__pycache__"],
         "env_vars": {"HF_HUB_OFFLINE": "1", **(env_vars or {})},
     }
-    job_id = _submit_with_retry(client, " ".join(entrypoint), runtime_env)
+    try:
+        client = JobSubmissionClient(address)
+        job_id = _submit_with_retry(client, " ".join(entrypoint), runtime_env)
+    except AuthenticationError as e:  # the CLI prints a ValueError as one line, no traceback
+        raise ValueError(f"{AUTH_HINT} (Ray said: {e.message})") from e
     print(f"submitted {job_id} to {address}", flush=True)
     if not follow:
         return 0
