@@ -159,7 +159,7 @@ def write_povid(d) -> str:
     (d / "coco").mkdir(exist_ok=True)
     (d / "coco" / "1.png").write_bytes(png())
     good = {"image": "coco/1.png", "conversations": turns("Describe it.", "A red square."),
-            "rejected_conversations": turns("Describe it.", "A red square with a cat.")}
+            "rejected_conversations": turns("Describe it.", "A blue square.")}
     records = [
         {**good, "id": "ok"},
         {**good, "id": "mismatch",
@@ -292,7 +292,7 @@ def test_povid_conversations(tmp_path):
     """Fails if POVID's <image> marker stays in the prompt or a bad conversation is kept."""
     valid, bad = read(write_povid(tmp_path), "povid")
     assert (valid["ok"]["prompt"], valid["ok"]["chosen"], valid["ok"]["rejected"]) == (
-        "Describe it.", "A red square.", "A red square with a cat.")
+        "Describe it.", "A red square.", "A blue square.")
     assert bad == {"mismatch": "prompt_mismatch", "long": "multi_turn",
                    "no-image": "image_not_found", "not-turns": "wrong_type"}
 

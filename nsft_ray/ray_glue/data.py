@@ -20,6 +20,7 @@ import ray
 
 from nsft_ray.config import DataConfig, ValidationConfig
 from nsft_ray.data import (
+    PARQUET_FORMATS,
     DataFileError,
     check_conversation_columns,
     check_input,
@@ -28,9 +29,12 @@ from nsft_ray.data import (
     normalize_parquet,
     open_parquet,
     records_to_table,
+    resolve_format,
     resolve_root,
     split_records,
+    streaming_scan_options,
 )
+from nsft_ray.formats import LAYOUTS
 from nsft_ray.schema import CONVERSATION_SCHEMA, PREFERENCE_SCHEMA, QUARANTINE_SCHEMA
 from nsft_ray.validate import (
     QuarantineCounts,
@@ -58,8 +62,10 @@ QUARANTINE_FILE = "quarantine.parquet"
 def _preference_parquet(p: Path, cfg: DataConfig) -> ray.data.Dataset:
     schema = open_parquet(p).schema  # footers only: the driver never reads the rows
     check_parquet_columns(schema, cfg, p)
-    ds = ray.data.read_parquet(str(p))
-    if schema.equals(PREFERENCE_SCHEMA) and identity_mapping(cfg):
+    # Ray Data streams the file by batches in its read tasks (without pre-buffering the whole
+    # file: streaming_scan_options); the mapping below runs per batch in its tasks.
+    ds = ray.data.read_parquet(str(p), fragment_scan_options=streaming_scan_options())
+    if cfg.format == "parquet" and schema.equals(PREFERENCE_SCHEMA) and identity_mapping(cfg):
         return ds
     return ds.map_batches(normalize_parquet, batch_format="pyarrow", fn_kwargs={
         "cfg": cfg, "root": str(resolve_root(p, cfg)), "source": p.name})
@@ -89,10 +95,12 @@ def _conversation_parquet(p: Path, cfg: DataConfig) -> ray.data.Dataset:
     return ray.data.read_parquet(str(p), columns=CONVERSATION_SCHEMA.names)
 
 
-# The same formats as the local readers in nsft_ray.data.
+# The same formats as the local readers in nsft_ray.data (the published layouts included).
 RAY_PREFERENCE_READERS = {
     "parquet": _preference_parquet,
     "jsonl": lambda p, cfg: _json_records(p, cfg, "preference"),
+    **{name: _preference_parquet if name in PARQUET_FORMATS
+       else (lambda p, cfg: _json_records(p, cfg, "preference")) for name in LAYOUTS},
 }
 RAY_CONVERSATION_READERS = {
     "parquet": _conversation_parquet,
@@ -102,12 +110,14 @@ RAY_CONVERSATION_READERS = {
 
 def read_preferences(path: str | Path, cfg: DataConfig) -> ray.data.Dataset:
     """Preference rows (PREFERENCE_SCHEMA) from a file or folder in `cfg.format`, read lazily."""
+    cfg = resolve_format(path, cfg)  # data.format=auto: detected here, in the driver
     p = check_input(path, cfg, RAY_PREFERENCE_READERS, "preference")
     return RAY_PREFERENCE_READERS[cfg.format](p, cfg)
 
 
 def read_conversations(path: str | Path, cfg: DataConfig) -> ray.data.Dataset:
     """Conversation rows from our Parquet (format=parquet) or LLaVA JSON (format=llava)."""
+    cfg = resolve_format(path, cfg)
     p = check_input(path, cfg, RAY_CONVERSATION_READERS, "conversation")
     return RAY_CONVERSATION_READERS[cfg.format](p, cfg)
 

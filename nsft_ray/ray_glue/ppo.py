@@ -38,6 +38,7 @@ from nsft_ray.algorithms.ppo import (
 from nsft_ray.algorithms.reward_rules import meta_problem
 from nsft_ray.collate import decode_image, encode_prompt
 from nsft_ray.config import Config, save_config
+from nsft_ray.data import READ_ERROR, read_preference_file
 from nsft_ray.models import VALUE_HEAD_FILE
 from nsft_ray.ray_glue.placement import Reservation, ppo_plan, reserve
 from nsft_ray.ray_glue.ppo_roles import (
@@ -92,14 +93,19 @@ def load_prompts(cfg: Config) -> tuple[list[dict], list[dict]]:
     """Preference rows -> prompt rows {id, image (bytes), prompt, meta}, and quarantined rows.
 
     A row is quarantined (with the reason) when its prompt is empty, its image does not decode,
-    or, for the rule reward, its meta lacks the scene graph and question.
+    or, for the rule reward, its meta lacks the scene graph and question. Files in another
+    data.format than parquet (JSONL, a published layout) are read onto the contract first; only
+    their prompt and image are used (a VLFeedback rating tie is still a good prompt).
     """
     keys = {"id": cfg.data.id_key, "image": cfg.data.image_key, "prompt": cfg.data.prompt_key}
+    if cfg.data.format != "parquet":  # read_preference_file has mapped the columns already
+        keys = {k: k for k in keys}
     rows, bad = [], []
     for path in cfg.train.data:
-        if not Path(path).is_file():
+        if not Path(path).exists():
             raise FileNotFoundError(f"train.data: {path} does not exist")
-        table = pq.read_table(path)
+        table = (pq.read_table(path) if cfg.data.format == "parquet"
+                 else read_preference_file(path, cfg.data))
         missing = [c for c in keys.values() if c not in table.column_names]
         if missing:
             raise ValueError(f"train.data: {path} has no column {missing[0]!r} "
@@ -114,6 +120,11 @@ def load_prompts(cfg: Config) -> tuple[list[dict], list[dict]]:
                     decode_image(row["image"])
                 except Exception as e:  # PIL raises many types for broken bytes
                     reason = f"image does not decode: {e!r}"
+            # Our readers (not a user's Parquet) leave JSON meta, with what they could not read.
+            read_error = (json.loads(row["meta"]).get(READ_ERROR)
+                          if reason and cfg.data.format != "parquet" else None)
+            if read_error:  # the reader knows why the prompt or image is missing: say that
+                reason = f"{read_error['reason']}: {read_error['detail']}"
             if reason is None and cfg.ppo.reward == "rules":
                 reason = meta_problem(row["meta"])
             if reason is None:

@@ -1,0 +1,65 @@
+"""`nsft-ray build-negatives data.format=<published layout>` end to end on a local 2-CPU Ray.
+
+One Parquet layout (RLAIF-V, read by Ray Data's Parquet reader and mapped per batch) and one JSON
+layout (POVID, split per file and mapped per batch), through the console script's own function.
+"""
+
+import json
+
+import pyarrow.dataset as pads
+import pytest
+from test_formats import RLAIF_V_BAD, write_povid, write_rlaif_v
+
+from nsft_ray.cli import main
+
+ray = pytest.importorskip("ray")
+pytestmark = pytest.mark.ray
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    yield
+    ray.shutdown()
+
+
+@pytest.mark.parametrize("fmt, write, bad", [
+    ("rlaif-v", write_rlaif_v, RLAIF_V_BAD),
+    ("povid", write_povid, {"mismatch": "prompt_mismatch", "long": "multi_turn",
+                            "no-image": "image_not_found", "not-turns": "wrong_type"}),
+])
+def test_build_negatives_reads_the_published_layout(local_ray, tmp_path, fmt, write, bad):
+    """Fails if a layout is not registered with the Ray readers, or a bad row goes missing."""
+    path, out = write(tmp_path), tmp_path / "out"
+    assert main(["build-negatives", "--input", str(path), "--out", str(out),
+                 f"data.format={fmt}"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["read"] == len(bad) + summary["valid"]
+    assert summary["read"] == summary["constructed"] + summary["quarantined"]
+    by_reason = summary["quarantined_by_stage"]["validate"]
+    assert by_reason == {r: list(bad.values()).count(r) for r in bad.values()}
+    quarantine = pads.dataset(out / "quarantine.parquet").to_table().to_pylist()
+    assert {q["id"]: q["reason"] for q in quarantine if q["stage"] == "validate"} == bad
+    conversations = pads.dataset(out / "conversations").to_table().to_pylist()
+    assert summary["constructed"] >= 1 and conversations
+    parents = {c["parent_id"] for c in conversations}
+    assert parents <= {"0", "1", "ok"}  # only the good rows were constructed from
+
+
+def test_ppo_prompts_from_a_published_layout(tmp_path):
+    """Fails if PPO's prompt loader ignores data.format (it read Parquet only)."""
+    from test_formats import write_vlfeedback
+
+    from nsft_ray.config import load_config
+    from nsft_ray.ray_glue.ppo import load_prompts
+
+    path = write_vlfeedback(tmp_path)
+    cfg = load_config(None, [f"train.data=[{path}]", "data.format=vlfeedback"])
+    kept, bad = load_prompts(cfg)
+    # A rating tie or a single rating is no preference pair, but still a prompt and an image.
+    assert sorted(r["id"] for r in kept) == ["bad-completions", "ok", "one-rated", "tie"]
+    assert all(r["prompt"] == "What is in the image?" for r in kept)
+    reasons = {b["id"]: b["reason"] for b in bad}
+    assert reasons["no-image"].startswith("image_not_found: image: file ")
+    assert reasons["vlfeedback-6"].startswith("malformed_json: vlfeedback.jsonl line 6")
