@@ -10,6 +10,7 @@
     nsft-ray submit [--address URL] -- python jobs/train.py ...     (exit code = job status)
     nsft-ray demo --out runs/demo
     nsft-ray data inspect PATH [--rows N] [key=value ...]   (e.g. data.format=auto)
+    nsft-ray data convert PATH --out DIR [key=value ...]    (to our preference Parquet)
 
 Every command loads the typed config (YAML + dotted overrides), prints the resolved config, saves it
 in its output folder, and calls one library function. Heavy imports happen inside the commands so
@@ -222,20 +223,30 @@ def _serve(argv: list[str]) -> int:
 def _data(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(
         prog="nsft-ray data", description="look at preference or conversation data before "
-                                          "training on it (no Ray needed)")
+                                          "training on it; convert it to our Parquet (no Ray)")
     sub = parser.add_subparsers(dest="action", required=True)
-    p = sub.add_parser("inspect", help="format (detected with data.format=auto), row count, "
-                                       "column -> contract mapping, first rows, quarantine counts")
-    p.add_argument("path", help="a file or a folder of shards")
-    p.add_argument("--config", help="YAML config file (its data section is used)")
-    p.add_argument("--rows", type=int, default=3, help="first rows to show")
-    p.add_argument("--json", action="store_true", help="print the report as JSON")
-    p.add_argument("overrides", nargs="*", metavar="key=value",
-                   help="dotted config overrides, e.g. data.format=auto data.root=images/")
-    args = parser.parse_args(argv)
-    from nsft_ray.data_inspect import format_report, inspect_input
+    inspect = sub.add_parser("inspect", help="format (detected with data.format=auto), row "
+                             "count, column -> contract mapping, first rows, quarantine counts")
+    inspect.add_argument("--rows", type=int, default=3, help="first rows to show")
+    inspect.add_argument("--json", action="store_true", help="print the report as JSON")
+    convert = sub.add_parser("convert", help="valid rows -> OUT/preferences.parquet (our "
+                             "contract), the rest -> OUT/quarantine.parquet")
+    convert.add_argument("--out", required=True, help="output folder")
+    for p in (inspect, convert):
+        p.add_argument("path", help="a file or a folder of shards")
+        p.add_argument("--config", help="YAML config file (its data section is used)")
+        p.add_argument("overrides", nargs="*", metavar="key=value",
+                       help="dotted config overrides, e.g. data.format=auto data.root=images/")
+    # Overrides may follow an option (`PATH --out DIR key=value`): argparse leaves those over.
+    args, rest = parser.parse_known_args(argv)
+    if any(r.startswith("-") or "=" not in r for r in rest):
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    from nsft_ray.data_inspect import convert_input, format_report, inspect_input
 
-    cfg = load_config(args.config, args.overrides)
+    cfg = load_config(args.config, [*args.overrides, *rest])
+    if args.action == "convert":
+        print(json.dumps(convert_input(args.path, cfg.data, args.out), indent=2))
+        return 0
     report = inspect_input(args.path, cfg.data, n_rows=args.rows)
     print(json.dumps(report, indent=2) if args.json else format_report(report))
     return 0
@@ -245,7 +256,7 @@ def _data(argv: list[str]) -> int:
 PASSTHROUGH = {
     "serve": (_serve, "host models over OpenAI-compatible HTTP with Ray Serve (see serve/)"),
     "submit": (_submit, "submit a jobs/*.py entrypoint to a Ray cluster and follow it"),
-    "data": (_data, "data inspect PATH: how a file will be read (format, mapping, quarantine)"),
+    "data": (_data, "data inspect|convert PATH: how a file will be read; to our Parquet"),
 }
 
 

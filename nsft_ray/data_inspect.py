@@ -1,12 +1,15 @@
-"""`nsft-ray data inspect`: how a file will be read, before anything trains on it.
+"""`nsft-ray data inspect | convert`: how a file will be read, before anything trains on it.
 
     report = inspect_input("RLAIF-V-Dataset/", DataConfig(format="auto"))
     print(format_report(report))
+    summary = convert_input("vlfeedback.jsonl", DataConfig(format="vlfeedback"), "prefs/")
 
 One streaming pass over the input (Parquet a batch at a time) with the same readers and the same
 validator as build-negatives and train: the format (and what detected it), the row count, which
 column feeds which field of the data contract, the first rows, and the quarantine counts by
-reason with one example each. Runs without Ray.
+reason with one example each. ``convert`` writes the valid rows as our preference Parquet (for
+what takes only that, e.g. ``compare.preferences``) and the rest to quarantine.parquet. Both run
+without Ray.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.parquet as pq
 from PIL import Image
 
 from nsft_ray.config import DataConfig
@@ -27,12 +31,13 @@ from nsft_ray.data import (
     iter_preference_batches,
     open_parquet,
     read_conversation_file,
+    resolve_format,
 )
 from nsft_ray.formats import LAYOUTS
-from nsft_ray.schema import CONVERSATION_SCHEMA
-from nsft_ray.validate import ValidateBatchFn
+from nsft_ray.schema import CONVERSATION_SCHEMA, PREFERENCE_SCHEMA, QUARANTINE_SCHEMA
+from nsft_ray.validate import QuarantineCounts, ValidateBatchFn, check_counts, quarantine_rows
 
-__all__ = ["inspect_input", "format_report", "contract_mapping"]
+__all__ = ["inspect_input", "format_report", "contract_mapping", "convert_input"]
 
 TEXT_CHARS = 70  # characters of each text shown per row
 
@@ -149,3 +154,36 @@ def format_report(report: dict[str, Any]) -> str:
         rid, detail = report["examples"][reason]
         lines.append(f"  {reason:<24}{n:>6}   e.g. {rid}: {_short(detail, 160)}")
     return "\n".join(lines)
+
+
+def convert_input(path: str | Path, cfg: DataConfig, out_dir: str | Path) -> dict[str, Any]:
+    """Preference data in `cfg.format` -> OUT/preferences.parquet (valid rows, our contract),
+    OUT/quarantine.parquet (the rest, with reasons) and OUT/summary.json; streamed by batch.
+
+    Duplicate ids are caught within a batch, as in the Ray Data validation pass.
+    """
+    cfg = resolve_format(path, cfg)  # auto: the summary names the detected format
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    validator = ValidateBatchFn(cfg.validation, "preference")
+    counts: QuarantineCounts = {"read": 0, "valid": 0, "quarantined": 0, "by_reason": {}}
+    with pq.ParquetWriter(out / "preferences.parquet", PREFERENCE_SCHEMA) as good, \
+            pq.ParquetWriter(out / "quarantine.parquet", QUARANTINE_SCHEMA) as bad:
+        for batch in iter_preference_batches(path, cfg):
+            checked = validator(batch)
+            reasons = checked.column("quarantine_reason").to_pylist()
+            valid = batch.filter(pa.array([not r for r in reasons]))
+            quarantined = quarantine_rows(checked, stage="validate")
+            good.write_table(valid)
+            bad.write_table(quarantined)
+            counts["read"] += batch.num_rows
+            counts["valid"] += valid.num_rows
+            counts["quarantined"] += quarantined.num_rows
+            for r in filter(None, reasons):
+                counts["by_reason"][r] = counts["by_reason"].get(r, 0) + 1
+    check_counts(counts, "convert")  # what was written adds up to what was read
+    summary = {"input": str(path), "format": cfg.format, **counts,
+               "outputs": {"preferences": str(out / "preferences.parquet"),
+                           "quarantine": str(out / "quarantine.parquet")}}
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    return summary

@@ -437,3 +437,18 @@ def test_data_inspect_every_layout(tmp_path, fmt, capsys):
     assert report["format"] == fmt and v["read"] == v["valid"] + v["quarantined"] > 0
     assert v["valid"] >= 1 and v["quarantined"] >= 1
     assert set(report["mapping"]) >= {"id", "image", "prompt", "chosen", "rejected"}
+
+
+def test_data_convert_writes_our_parquet_and_the_quarantine(tmp_path, capsys):
+    """Fails if convert loses a row or writes a bad one: our Parquet then reads back all valid."""
+    path, out = write_vlfeedback(tmp_path), tmp_path / "conv"
+    assert main(["data", "convert", str(path), "--out", str(out), "data.format=auto"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert (summary["format"], summary["read"], summary["valid"]) == ("vlfeedback", 6, 1)
+    assert summary["by_reason"] == {"rating_tie": 1, "no_preference": 1, "image_not_found": 1,
+                                    "wrong_type": 1, "malformed_json": 1}
+    valid, bad = read(out / "preferences.parquet", "parquet")
+    assert list(valid) == ["ok"] and not bad
+    assert valid["ok"]["chosen"] == "A red square." and valid["ok"]["source"] == "vlfeedback"
+    quarantine = pq.read_table(out / "quarantine.parquet").to_pylist()
+    assert sorted(q["reason"] for q in quarantine) == sorted(summary["by_reason"])
