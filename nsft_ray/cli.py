@@ -4,7 +4,7 @@
     nsft-ray init-model --out DIR [--size tiny|small] [--arch idefics3|llava] [key=value ...]
     nsft-ray build-negatives --input PREFERENCE_PARQUET --out DIR [--config FILE] [key=value ...]
     nsft-ray train --algo sft|nsft|dpo|reward|ppo --config FILE [key=value ...]   (run.dir)
-    nsft-ray eval --model DIR --data WORLD_DIR [--out DIR]
+    nsft-ray eval --model DIR --data WORLD_DIR [--out DIR]   (+ eval.pope=... eval.amber=...)
     nsft-ray compare --config FILE --out DIR [key=value ...]
     nsft-ray serve --model base=DIR --model nsft=DIR [--port 8000]  (or --config FILE)
     nsft-ray submit [--address URL] -- python jobs/train.py ...     (exit code = job status)
@@ -126,7 +126,24 @@ def cmd_eval(args: argparse.Namespace) -> dict:
     from nsft_ray.eval import evaluate
 
     cfg = _resolved(args)
-    result = evaluate(args.model, args.data, cfg.eval, seed=cfg.run.seed)
+    bench = bool(cfg.eval.pope or cfg.eval.amber)
+    if not args.data and not bench:
+        raise ConfigError("eval: give --data (a ShapesWorld folder), eval.pope or eval.amber")
+    generate_fn = score_fn = None
+    if bench:  # loaded once, for the benchmarks and (engine=local) ShapesWorld too
+        from nsft_ray.eval.runner import hf_answer_fns
+
+        generate_fn, score_fn = hf_answer_fns(args.model, cfg.eval.max_new_tokens)
+    result: dict = {}
+    if args.data:
+        local = cfg.eval.engine == "local"
+        result = evaluate(args.model, args.data, cfg.eval, seed=cfg.run.seed,
+                          generate_fn=generate_fn if local else None,
+                          score_fn=score_fn if local else None)
+    if bench:
+        from nsft_ray.eval.benchmarks import run_benchmarks
+
+        result["benchmarks"] = run_benchmarks(generate_fn, score_fn, cfg.eval, args.out)
     if args.out:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
@@ -187,7 +204,8 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--algo", required=True, choices=TRAIN_ALGOS)
         if name == "eval":
             p.add_argument("--model", required=True, help="Hugging Face model folder")
-            p.add_argument("--data", required=True, help="ShapesWorld folder (uses *_eval.parquet)")
+            p.add_argument("--data", help="ShapesWorld folder (uses *_eval.parquet); optional "
+                                          "with eval.pope / eval.amber (published benchmarks)")
         if name not in ("train", "eval"):
             p.add_argument("--out", required=True, help="output folder")
         elif name == "eval":

@@ -292,6 +292,13 @@ class EvalConfig:
     short_answers: bool = False  # append " Answer with one word." (or "with a number.") to probes
     examples: int = 12  # (question, answer, correct) rows kept in the result
     judge: LLMConfig = field(default_factory=LLMConfig)  # MMHal-style judge (OpenAI-compatible)
+    # The published benchmarks' own files (nsft_ray/eval/benchmarks.py), run by `nsft-ray eval`
+    # in this process, with or without --data; their answers are also written in each
+    # benchmark's format for its official scorer. Empty: not run.
+    pope: str = ""  # a POPE question file (coco_pope_random.json, ...) or their folder
+    pope_images: str = ""  # the folder POPE's `image` names are in (COCO val2014)
+    amber: str = ""  # AMBER's data folder (query/, annotations.json) or one query file
+    amber_images: str = ""  # the folder of AMBER_*.jpg
 
 
 @dataclass(frozen=True)
