@@ -432,7 +432,7 @@ LAYOUTS: dict[str, Layout] = {layout.name: layout for layout in (
         "prompt": "question", "chosen": "chosen", "rejected": "rejected",
         "source": "'rlaif-v/' + ds_name", "meta": "every other column"}),
     Layout("trl", "parquet", trl, ("images", "prompt", "chosen", "rejected"), {
-        "id": "id, else a hash of prompt + chosen + rejected", "image": "images[0]",
+        "id": "id, else a hash of images, prompt, chosen, rejected", "image": "images[0]",
         "prompt": "prompt: the user message's text parts",
         "chosen": "chosen: the assistant message's text", "rejected": "rejected: likewise",
         "source": "'trl'", "meta": "system messages, every other column"}),
