@@ -6,6 +6,7 @@
     nsft-ray train --algo sft|nsft|dpo|reward|ppo --config FILE [key=value ...]   (run.dir)
     nsft-ray eval --model DIR --data WORLD_DIR [--out DIR]   (+ eval.pope=... eval.amber=...)
     nsft-ray compare --config FILE --out DIR [key=value ...]
+    nsft-ray plan --config FILE --cluster cluster.yaml [--algo A] [key=value ...]  (exit 1: no fit)
     nsft-ray serve --model base=DIR --model nsft=DIR [--port 8000]  (or --config FILE)
     nsft-ray submit [--address URL] -- python jobs/train.py ...     (exit code = job status)
     nsft-ray demo --out runs/demo
@@ -160,6 +161,65 @@ def cmd_compare(args: argparse.Namespace) -> dict:
     return compare(cfg, Path(args.out))
 
 
+def _plan_methods(cfg: Config, algo: str | None) -> dict[str, tuple[str, Config]]:
+    """Label -> (algorithm, config): --algo, else compare.methods (ablations that hold the same
+    memory as nsft share its line) and PPO's reward model when compare trains one first."""
+    if algo:
+        return {algo: (algo, cfg)}
+    from dataclasses import replace
+
+    from nsft_ray.compare import algo_of
+
+    labels: dict[tuple[str, bool], list[str]] = {}
+    for method in cfg.compare.methods:
+        if algo_of(method):  # nsft_kl alone changes memory: a reference copy for its KL term
+            labels.setdefault((algo_of(method), method == "nsft_kl"), []).append(method)
+    out = {}
+    for (name, kl), methods in labels.items():
+        kl_cfg = replace(cfg, nsft=replace(cfg.nsft, kl_coef=cfg.compare.ablation_kl_coef))
+        label = methods[0] + (f" (and {', '.join(methods[1:])})" if methods[1:] else "")
+        out[label] = (name, kl_cfg if kl else cfg)
+    if "ppo" in cfg.compare.methods and cfg.ppo.reward == "model" and not cfg.ppo.reward_model:
+        out["reward (PPO's reward model, trained first)"] = ("reward", cfg)
+    return out
+
+
+def cmd_plan(args: argparse.Namespace) -> dict:
+    from nsft_ray import plan as planner
+    from nsft_ray.ray_glue.placement import PLANS  # the groups `reserve` would create
+
+    cfg = _resolved(args)
+    methods = _plan_methods(cfg, args.algo)
+    if args.algo:
+        model = cfg.model.name_or_path or cfg.compare.base_model
+    else:  # compare trains every method from its base
+        model = cfg.compare.base_model or cfg.model.name_or_path
+    cluster = yaml.safe_load(Path(args.cluster).read_text())
+    nodes = planner.node_types(cluster, cfg.plan)
+    shape = planner.model_shape(model, cfg.model.freeze, cfg.plan)
+    print(f"# plan: {args.config or '(defaults)'} on {args.cluster}")
+    print(planner.format_shape(shape, cfg.model.dtype))
+    print(planner.format_nodes(nodes, cfg.plan))
+    results = {}
+    for label, (algo, method_cfg) in methods.items():
+        roles = planner.method_roles(algo, method_cfg, shape)
+        groups = PLANS[algo](method_cfg)
+        placed = planner.place(label, roles, groups, nodes, cfg.plan,
+                               int(cluster.get("max_workers", 0)))
+        print("\n" + planner.format_method(label, roles, groups, placed))
+        results[label] = placed
+    refused = {k: p for k, p in results.items() if not p.fits}
+    if refused:
+        biggest = max(nodes, key=lambda t: (t.accelerator_bytes, t.accelerators, t.cpus))
+        raise planner.PlanRefused(
+            f"{len(refused)} of {len(results)} runs do not fit {args.cluster} (largest node "
+            f"type: {biggest.name}, {biggest.accelerators} x {biggest.accelerator} "
+            f"{biggest.accelerator_bytes / planner.GiB:g} GiB):\n"
+            + "\n".join(f"  {k}: {'; '.join(p.problems)}" for k, p in refused.items()))
+    print(f"\nall {len(results)} runs fit {args.cluster}")
+    return {k: [n for n, _ in p.nodes] for k, p in results.items()}
+
+
 DEMO_CONFIG = Path(__file__).resolve().parents[1] / "jobs" / "configs" / "tiny" / "demo.yaml"
 
 
@@ -180,6 +240,7 @@ COMMANDS = {
     "eval": (cmd_eval, "evaluate a model folder on the ShapesWorld eval split"),
     "compare": (cmd_compare, "train every method from one base, evaluate, write the report"),
     "demo": (cmd_demo, "the miniature experiment end to end on an embedded local Ray"),
+    "plan": (cmd_plan, "predict memory per method and role; place the roles on cluster.yaml"),
 }
 
 
@@ -202,11 +263,15 @@ def build_parser() -> argparse.ArgumentParser:
                            help="ShapesWorld sentences the tokenizer is trained on")
         if name == "train":
             p.add_argument("--algo", required=True, choices=TRAIN_ALGOS)
+        if name == "plan":
+            p.add_argument("--cluster", required=True, help="Ray cluster-launcher YAML")
+            p.add_argument("--algo", choices=TRAIN_ALGOS,
+                           help="plan this algorithm (default: compare.methods)")
         if name == "eval":
             p.add_argument("--model", required=True, help="Hugging Face model folder")
             p.add_argument("--data", help="ShapesWorld folder (uses *_eval.parquet); optional "
                                           "with eval.pope / eval.amber (published benchmarks)")
-        if name not in ("train", "eval"):
+        if name not in ("train", "eval", "plan"):
             p.add_argument("--out", required=True, help="output folder")
         elif name == "eval":
             p.add_argument("--out", help="folder for eval.json (optional)")
@@ -291,6 +356,7 @@ def main(argv: list[str] | None = None) -> int:
     fn = COMMANDS[args.command][0]
     start = time.perf_counter()
     from nsft_ray.compare import BaseGateFailed
+    from nsft_ray.plan import PlanRefused
 
     try:
         fn(args)
@@ -300,6 +366,9 @@ def main(argv: list[str] | None = None) -> int:
     except BaseGateFailed as e:  # a declared stop, not a crash: no traceback
         print(f"nsft-ray {args.command}: stopped: {e}", file=sys.stderr)
         return 3
+    except PlanRefused as e:  # what was asked, the largest node, the shortfall
+        print(f"nsft-ray {args.command}: refused: {e}", file=sys.stderr)
+        return 1
     print(f"# {args.command} finished in {time.perf_counter() - start:.1f} s")
     return 0
 
