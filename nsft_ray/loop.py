@@ -12,7 +12,9 @@ here, ``ray.train.report`` in ``ray_glue/train.py``).
 
 from __future__ import annotations
 
+import csv
 import itertools
+import json
 import math
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -36,6 +38,8 @@ __all__ = [
     "make_scheduler",
     "lr_lambda",
     "peak_memory_bytes",
+    "MetricsWriter",
+    "read_metrics",
 ]
 
 Batch = dict[str, Any]
@@ -165,6 +169,43 @@ def peak_memory_bytes(device: torch.device | str = "cpu") -> int:
 
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return int(rss if sys.platform == "darwin" else rss * 1024)  # Linux reports KiB
+
+
+class MetricsWriter:
+    """A run's metric sinks: RUN/metrics.jsonl, RUN/metrics.csv and TensorBoard under RUN/tb."""
+
+    def __init__(self, run_dir: Path):
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.jsonl = (run_dir / "metrics.jsonl").open("a")
+        self.csv_path = run_dir / "metrics.csv"
+        self.tb = SummaryWriter(str(run_dir / "tb"))
+
+    def write(self, metrics: dict[str, Any]) -> None:
+        self.jsonl.write(json.dumps(metrics) + "\n")
+        self.jsonl.flush()
+        new = not self.csv_path.exists()
+        with self.csv_path.open("a", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(metrics), extrasaction="ignore")
+            if new:
+                writer.writeheader()
+            writer.writerow(metrics)
+        for k, v in metrics.items():
+            if isinstance(v, (int, float)) and k != "step":
+                self.tb.add_scalar(k, v, metrics["step"])
+        self.tb.flush()
+
+    def close(self) -> None:
+        self.jsonl.close()
+        self.tb.close()
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    """The lines of RUN/metrics.jsonl (empty when there is none yet)."""
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def _micro_batches(epochs: Callable[[int], Iterable[Batch]], state: TrainState

@@ -18,14 +18,12 @@ Run folder::
 from __future__ import annotations
 
 import copy
-import csv
 import json
 import math
 import os
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
 
 import ray
 import ray.train
@@ -43,7 +41,16 @@ from ray.train.torch import TorchConfig, TorchTrainer
 
 from nsft_ray.algorithms import ALGORITHMS
 from nsft_ray.config import Config, from_dict, save_config, to_dict
-from nsft_ray.loop import Hooks, TorchEngine, TrainState, fit, make_optimizer, make_scheduler
+from nsft_ray.loop import (
+    Hooks,
+    MetricsWriter,
+    TorchEngine,
+    TrainState,
+    fit,
+    make_optimizer,
+    make_scheduler,
+    read_metrics,
+)
 from nsft_ray.ray_glue.data import (
     QUARANTINE_FILE,
     read_conversations,
@@ -221,43 +228,7 @@ def _mean(xs: list[float]) -> float:
     return round(sum(xs) / len(xs), 3) if xs else 0.0
 
 
-def read_metrics(run_dir: Path) -> list[dict]:
-    path = Path(run_dir) / "metrics.jsonl"
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
 # ------------------------------------------------------------------------------------ worker side
-
-
-class MetricsWriter:
-    """Rank 0's metric sinks: JSONL, CSV and TensorBoard under the run folder."""
-
-    def __init__(self, run_dir: Path):
-        from torch.utils.tensorboard import SummaryWriter
-
-        self.jsonl = (run_dir / "metrics.jsonl").open("a")
-        self.csv_path = run_dir / "metrics.csv"
-        self.tb = SummaryWriter(str(run_dir / "tb"))
-
-    def write(self, metrics: dict[str, Any]) -> None:
-        self.jsonl.write(json.dumps(metrics) + "\n")
-        self.jsonl.flush()
-        new = not self.csv_path.exists()
-        with self.csv_path.open("a", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=list(metrics), extrasaction="ignore")
-            if new:
-                writer.writeheader()
-            writer.writerow(metrics)
-        for k, v in metrics.items():
-            if isinstance(v, (int, float)) and k != "step":
-                self.tb.add_scalar(k, v, metrics["step"])
-        self.tb.flush()
-
-    def close(self) -> None:
-        self.jsonl.close()
-        self.tb.close()
 
 
 def _make_engine(model: torch.nn.Module, cfg: Config, total_steps: int, world_size: int,
