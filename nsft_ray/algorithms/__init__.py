@@ -25,16 +25,20 @@ from nsft_ray.algorithms.sft import sft_objective
 from nsft_ray.config import Config
 from nsft_ray.loop import Objective
 
-__all__ = ["ALGORITHMS", "AlgorithmSpec", "conversation_collate", "frozen_copy", "load_policy",
-           "preference_collate", "save_policy"]
+__all__ = ["ALGORITHMS", "AlgorithmSpec", "conversation_collate", "frozen", "frozen_copy",
+           "load_policy", "preference_collate", "save_policy"]
+
+
+def frozen(model: nn.Module) -> nn.Module:
+    """`model` itself, frozen: eval mode, no parameter takes a gradient (a reference, a reward)."""
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model.eval()
 
 
 def frozen_copy(model: nn.Module) -> nn.Module:
     """A frozen reference copy of `model` in eval mode (the second resident model)."""
-    ref = copy.deepcopy(model).eval()
-    for p in ref.parameters():
-        p.requires_grad_(False)
-    return ref
+    return frozen(copy.deepcopy(model))
 
 
 def load_policy(cfg: Config) -> tuple[nn.Module, Any]:
