@@ -36,7 +36,6 @@ from nsft_ray.config import (
     absolute_paths,
     load_config,
     save_config,
-    to_dict,
 )
 
 __all__ = ["main", "build_parser"]
@@ -48,9 +47,8 @@ def _resolved(args: argparse.Namespace, extra: list[str] = ()) -> Config:
 
 
 def _announce(cfg: Config, out: Path) -> None:
-    path = save_config(cfg, out)
-    print(yaml.safe_dump(to_dict(cfg), sort_keys=False).rstrip())
-    print(f"# resolved config saved to {path}")
+    # The whole resolved config is ~250 lines: it goes to the file, the console gets its path.
+    print(f"resolved config: {save_config(cfg, out)}", flush=True)
 
 
 def cmd_world(args: argparse.Namespace) -> dict:
@@ -110,7 +108,7 @@ TRAIN_ALGOS = ("sft", "nsft", "dpo", "reward", "ppo")
 
 def cmd_train(args: argparse.Namespace) -> dict:
     cfg = _resolved(args)
-    print(yaml.safe_dump(to_dict(cfg), sort_keys=False).rstrip())
+    print(f"resolved config: {Path(cfg.run.dir) / 'config.yaml'}", flush=True)
     if args.algo == "ppo":  # its own controller: four roles on their own placement groups
         from nsft_ray.ray_glue.ppo import train_ppo
 
@@ -157,7 +155,7 @@ def cmd_compare(args: argparse.Namespace) -> dict:
     from nsft_ray.compare import compare
 
     cfg = _resolved(args)
-    print(yaml.safe_dump(to_dict(cfg), sort_keys=False).rstrip())
+    print(f"resolved config: {Path(args.out) / 'config.yaml'}", flush=True)
     return compare(cfg, Path(args.out))
 
 

@@ -452,7 +452,7 @@ def protocol(cfg: Config, counts: dict, chosen: dict[str, int]) -> dict[str, Any
 
 def compare(cfg: Config, out: Path) -> dict:
     """Run the protocol (gate, shared rows, selection on val, seeds) and write the report."""
-    from nsft_ray.ray_glue.train import ensure_ray
+    from nsft_ray.ray_glue.runtime import ensure_ray
     from nsft_ray.report import write_report
 
     c = cfg.compare

@@ -147,7 +147,7 @@ class ModelConfig:
     # Parts not trained by sft, nsft, dpo and PPO's actor: "vision" (the vision tower),
     # "connector" (the projector), e.g. [vision] as in LLaVA's second stage. On the from-scratch
     # tiny VLM, freezing both let the base learn to see, which a trained tower blocked (README).
-    freeze: tuple[str, ...] = ()
+    freeze: tuple[Literal["vision", "connector"], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -253,9 +253,17 @@ class NSFTConfig:
 @dataclass(frozen=True)
 class DeepSpeedConfig:
     enabled: bool = True  # False: plain DDP through ray.train.torch.prepare_model
-    stage: Literal[0, 1, 2, 3] = 2
+    # "auto": stage 0 for one worker (nothing to partition; ZeRO-2 there only adds ~19% CPU and
+    # 430 MiB, benchmarks/README.md), stage 2 for more. 3 is always an explicit choice.
+    stage: Literal["auto", 0, 1, 2, 3] = "auto"
     offload_optimizer: bool = False  # ZeRO-Offload of optimizer states to CPU memory
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
+
+    def zero_stage(self, world_size: int) -> int:
+        """The ZeRO stage a run of `world_size` workers uses."""
+        if self.stage == "auto":
+            return 0 if world_size == 1 else 2
+        return self.stage
 
 
 @dataclass(frozen=True)
@@ -321,7 +329,7 @@ class RolesConfig:
     rollout: RoleResources = field(default_factory=RoleResources)  # generation engines
     # Roles named here share ONE placement group (small clusters): bundle i holds actor i of
     # each of the k roles, sized by the largest per-actor ask among them; each gets 1/k of it.
-    colocate: tuple[str, ...] = ()
+    colocate: tuple[Literal["actor", "critic", "reward", "reference", "rollout"], ...] = ()
     strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
     timeout_s: float = 60.0  # pre-flight: fail if the placement groups are not ready by then
 

@@ -129,7 +129,7 @@ def _negatives(cfg: Config, out: Path, base: Path, timed: _Timer) -> tuple[Path,
 
 
 def run_demo(out: Path, cfg: Config) -> dict:
-    from nsft_ray.ray_glue.train import ensure_ray
+    from nsft_ray.ray_glue.runtime import ensure_ray
 
     start = time.perf_counter()
     out = out.resolve()

@@ -1,4 +1,8 @@
-"""Loss functions for SFT, nSFT, DPO, reward modelling and PPO: pure functions of tensors.
+"""Loss functions for SFT, DPO, reward modelling and PPO: pure functions of tensors.
+
+nSFT is two SFT terms (chosen, corrective), each a token mean over the step, weighted by the
+objective in algorithms/nsft.py; tests/test_loop.py checks a whole step of it against Hugging
+Face's loss on each subset.
 
 Every loss returns `(loss, metrics)`: `loss` is a scalar tensor to minimise and `metrics` maps
 unprefixed names to detached scalar tensors (the algorithm adds its prefix, e.g. `dpo/`).
@@ -34,7 +38,6 @@ __all__ = [
     "kl_penalty",
     "masked_mean",
     "masked_sum",
-    "nsft_loss",
     "ppo_policy_loss",
     "ppo_value_loss",
     "sft_loss",
@@ -77,7 +80,7 @@ def whiten(x: Tensor, mask: Tensor, shift_mean: bool = True, eps: float = 1e-8) 
     return out * mask.to(x.dtype)
 
 
-# --------------------------------------------------------------------------- SFT and nSFT
+# --------------------------------------------------------------------------- SFT
 
 
 def sft_loss_sum(logits: Tensor, labels: Tensor) -> tuple[Tensor, Metrics]:
@@ -103,25 +106,6 @@ def sft_loss(logits: Tensor, labels: Tensor) -> tuple[Tensor, Metrics]:
     total, metrics = sft_loss_sum(logits, labels)
     loss = total / metrics["num_tokens"].clamp(min=1)
     return loss, {"loss": loss.detach(), "num_tokens": metrics["num_tokens"]}
-
-
-def nsft_loss(
-    chosen_loss: Tensor | None, negative_loss: Tensor, lam: float
-) -> tuple[Tensor, Metrics]:
-    """nSFT objective (Zhu et al., CVPR 2025): L = L_sft(chosen) + lam * L_sft(negatives).
-
-    `negative_loss` is the SFT loss on the corrective conversations built from rejected answers
-    (their answers are correct, so it is an ordinary SFT loss); `chosen_loss` the SFT loss on the
-    original chosen answers. With `chosen_loss=None` it is the negatives-only variant
-    L = lam * L_sft(negatives).
-    """
-    loss = lam * negative_loss
-    metrics = {"negative_loss": negative_loss.detach()}
-    if chosen_loss is not None:
-        loss = chosen_loss + loss
-        metrics["chosen_loss"] = chosen_loss.detach()
-    metrics["loss"] = loss.detach()
-    return loss, metrics
 
 
 # --------------------------------------------------------------------------- KL to a reference

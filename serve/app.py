@@ -153,14 +153,14 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     import ray
 
-    if remote:
-        ray.init()
-    else:
-        # Logical CPUs: enough for every replica even on a 2-core laptop (they share the cores).
-        need = len(cfg.models) * cfg.replicas.num_cpus * (
-            cfg.replicas.autoscaling.max_replicas if cfg.replicas.autoscaling
-            else cfg.replicas.num_replicas)
-        ray.init(address="local", num_cpus=max(os.cpu_count() or 1, int(need + 0.999)))
+    from nsft_ray.ray_glue.runtime import ensure_ray
+
+    # Logical CPUs: enough for every replica even on a 2-core laptop (they share the cores).
+    # RAY_ADDRESS (a cluster) wins over this; ensure_ray reads it.
+    need = len(cfg.models) * cfg.replicas.num_cpus * (
+        cfg.replicas.autoscaling.max_replicas if cfg.replicas.autoscaling
+        else cfg.replicas.num_replicas)
+    ensure_ray(num_cpus=max(os.cpu_count() or 1, int(need + 0.999)))
     # SIGTERM (docker stop, systemd) shuts down as cleanly as Ctrl-C.
     signal.signal(signal.SIGTERM, _interrupt)
     serve.start(http_options={"host": cfg.host, "port": cfg.port})

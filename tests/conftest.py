@@ -31,3 +31,30 @@ def run_with_ray_blocked(code: str):
     script = RAY_BLOCKER + code + "\nassert 'ray' not in sys.modules\nprint('ok')\n"
     return subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
                           timeout=300, env=env)
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """The one Ray instance the Ray tests share, started by the product's own `ensure_ray`.
+
+    8 logical CPUs (PPO's five roles and the placement tests ask for that many; they share the
+    machine's real cores). Started once: each start costs ~8 s. vLLM's CPU KV cache is kept
+    small for the vllm-marked tests; PYTHONPATH lets Serve replicas import `serve` from this
+    checkout.
+    """
+    import ray
+
+    from nsft_ray.ray_glue.runtime import ensure_ray
+
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    os.environ["PYTHONPATH"] = os.pathsep.join(
+        p for p in (root, os.environ.get("PYTHONPATH", "")) if p)
+    if ray.is_initialized():  # a test module that has its own reasons started one
+        ray.shutdown()
+    ensure_ray(num_cpus=8)
+    yield ray
+    ray.shutdown()

@@ -108,55 +108,49 @@ def _tiny_config(tmp_path, *overrides):
 
 @pytest.mark.ray
 @pytest.mark.slow
-def test_compare_protocol_gate_shared_rows_selection_and_resume(tmp_path):
+def test_compare_protocol_gate_shared_rows_selection_and_resume(tmp_path, ray_session):
     """Fails if a base outside the gate is compared anyway, if the methods train on different
     rows, if a 2-candidate grid is not chosen on val, or if a repeated command re-trains."""
-    import ray
-
     n_prefs, failed = _tiny_inputs(tmp_path)
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    try:
-        # An untrained base answers POPE at chance: the declared gate stops everything.
-        stopped = tmp_path / "stopped"
-        with pytest.raises(BaseGateFailed, match="fails the base gate"):
-            compare(_tiny_config(tmp_path, "compare.methods=[base,nsft]"), stopped)
-        assert json.loads((stopped / "base_gate.json").read_text())["passed"] is False
-        assert not (stopped / "records").exists()
+    # An untrained base answers POPE at chance: the declared gate stops everything.
+    stopped = tmp_path / "stopped"
+    with pytest.raises(BaseGateFailed, match="fails the base gate"):
+        compare(_tiny_config(tmp_path, "compare.methods=[base,nsft]"), stopped)
+    assert json.loads((stopped / "base_gate.json").read_text())["passed"] is False
+    assert not (stopped / "records").exists()
 
-        grid = [f"compare.grid.{k}=[{a},{b}]" for k, a, b in (
-            ("sft_lr", 1e-3, 1e-4), ("nsft_lr", 1e-3, 1e-4), ("dpo_lr", 1e-3, 1e-4),
-            ("dpo_beta", 0.1, 0.1), ("ppo_lr", 1e-5, 1e-5), ("ppo_kl_coef", 0.05, 0.05))]
-        cfg = _tiny_config(tmp_path, "compare.gate=false", "compare.pairs=8",
-                           "compare.methods=[base,sft]", *grid)
-        out = tmp_path / "compare"
-        agg = compare(cfg, out)
-        assert list(agg) == ["base", "sft"]
-        counts = json.loads((out / "data" / "counts.json").read_text())
-        assert counts["preference_rows"] == n_prefs
-        assert counts["dropped_for_all"] == len(failed) and counts["shared_pairs"] == 8
-        shared = pq.read_table(out / "data" / "preferences.parquet")["id"].to_pylist()
-        assert len(shared) == 8 and not set(shared) & failed
-        parents = set(pq.read_table(out / "data" / "conversations.parquet")["parent_id"]
-                      .to_pylist())
-        assert parents == set(shared)
-        # Selection ran on val: both candidates trained and scored, the better one chosen.
-        sel = json.loads((out / "selection" / "sft.json").read_text())
-        assert len(sel["val_scores"]) == 2 and sel["metric"] == "headline_mean"
-        assert sel["chosen"] == max(range(2), key=lambda i: sel["val_scores"][i])
-        assert not (out / "selection" / "nsft.json").exists()  # not compared, not tuned
-        sft = json.loads((out / "records" / "sft-seed0.json").read_text())
-        assert sft["budget"] == {"rows": 8, "steps": 2}
-        report = json.loads((out / "report.json").read_text())
-        assert report["protocol"]["shared_rows"]["shared_pairs"] == 8
-        assert report["protocol"]["grid_size"] == 2
-        for name in ("report.json", "report.md", "quality.png", "memory.png", "curves.png"):
-            assert (out / name).stat().st_size > 0, name
-        record = out / "records" / "sft-seed0.json"
-        before = record.stat().st_mtime_ns
-        compare(cfg, out)  # everything recorded: nothing re-trained
-        assert record.stat().st_mtime_ns == before
-    finally:
-        ray.shutdown()
+    grid = [f"compare.grid.{k}=[{a},{b}]" for k, a, b in (
+        ("sft_lr", 1e-3, 1e-4), ("nsft_lr", 1e-3, 1e-4), ("dpo_lr", 1e-3, 1e-4),
+        ("dpo_beta", 0.1, 0.1), ("ppo_lr", 1e-5, 1e-5), ("ppo_kl_coef", 0.05, 0.05))]
+    cfg = _tiny_config(tmp_path, "compare.gate=false", "compare.pairs=8",
+                       "compare.methods=[base,sft]", *grid)
+    out = tmp_path / "compare"
+    agg = compare(cfg, out)
+    assert list(agg) == ["base", "sft"]
+    counts = json.loads((out / "data" / "counts.json").read_text())
+    assert counts["preference_rows"] == n_prefs
+    assert counts["dropped_for_all"] == len(failed) and counts["shared_pairs"] == 8
+    shared = pq.read_table(out / "data" / "preferences.parquet")["id"].to_pylist()
+    assert len(shared) == 8 and not set(shared) & failed
+    parents = set(pq.read_table(out / "data" / "conversations.parquet")["parent_id"]
+                  .to_pylist())
+    assert parents == set(shared)
+    # Selection ran on val: both candidates trained and scored, the better one chosen.
+    sel = json.loads((out / "selection" / "sft.json").read_text())
+    assert len(sel["val_scores"]) == 2 and sel["metric"] == "headline_mean"
+    assert sel["chosen"] == max(range(2), key=lambda i: sel["val_scores"][i])
+    assert not (out / "selection" / "nsft.json").exists()  # not compared, not tuned
+    sft = json.loads((out / "records" / "sft-seed0.json").read_text())
+    assert sft["budget"] == {"rows": 8, "steps": 2}
+    report = json.loads((out / "report.json").read_text())
+    assert report["protocol"]["shared_rows"]["shared_pairs"] == 8
+    assert report["protocol"]["grid_size"] == 2
+    for name in ("report.json", "report.md", "quality.png", "memory.png", "curves.png"):
+        assert (out / name).stat().st_size > 0, name
+    record = out / "records" / "sft-seed0.json"
+    before = record.stat().st_mtime_ns
+    compare(cfg, out)  # everything recorded: nothing re-trained
+    assert record.stat().st_mtime_ns == before
 
 
 def test_keys_compare_sets_itself_are_refused(tmp_path):

@@ -1,3 +1,5 @@
+import re
+
 import pytest
 
 from nsft_ray.config import (
@@ -94,3 +96,31 @@ def test_absolute_paths_fixes_existing_relative_paths_only(tmp_path, monkeypatch
     assert cfg.train.data == (str(tmp_path / "prefs.parquet"),)
     assert cfg.run.dir == str(tmp_path / "runs" / "x")  # not there yet: made absolute anyway
     assert cfg.compare.base_model == "llava-hf/llava-1.5-7b-hf"  # a hub id stays as it is
+
+
+@pytest.mark.parametrize("stage, workers, expected", [
+    ("auto", 1, 0), ("auto", 4, 2), (2, 1, 2), (3, 1, 3), (0, 8, 0)])
+def test_zero_stage_auto_suits_the_worker_count(stage, workers, expected):
+    """One worker has nothing to partition: auto means stage 0 there, ZeRO-2 across workers;
+    an explicit stage is never changed, and DeepSpeed's JSON gets the resolved one."""
+    from nsft_ray.config import DeepSpeedConfig, OptimConfig
+    from nsft_ray.ray_glue.deepspeed import deepspeed_config
+
+    ds = DeepSpeedConfig(stage=stage)
+    assert ds.zero_stage(workers) == expected
+    got = deepspeed_config(ds, OptimConfig(), micro_batch_size=2, grad_accum=1,
+                           world_size=workers, on_gpu=False)
+    assert got["zero_optimization"]["stage"] == expected
+    assert ("contiguous_gradients" in got["zero_optimization"]) == (expected >= 2)
+    assert load_config(None, [f"deepspeed.stage={stage}"]).deepspeed.stage == stage
+
+
+@pytest.mark.parametrize("override, fragment", [
+    ("model.freeze=[tower]", "model.freeze[0]: 'tower' is not one of 'vision', 'connector'"),
+    ("ppo.roles.colocate=[actor,critc]", "ppo.roles.colocate[1]: 'critc' is not one of"),
+    ("compare.methods=[sft,rlhf]", "compare.methods[1]: 'rlhf' is not one of"),
+])
+def test_fixed_choices_are_checked_when_the_config_loads(override, fragment):
+    """A typo in a fixed choice fails at load time, naming the key, not inside a Ray worker."""
+    with pytest.raises(ConfigError, match=re.escape(fragment)):
+        load_config(None, [override])

@@ -29,7 +29,6 @@ from nsft_ray.losses import (
     kl_penalty,
     masked_mean,
     masked_sum,
-    nsft_loss,
     ppo_policy_loss,
     ppo_value_loss,
     sft_loss,
@@ -173,22 +172,6 @@ def test_grad_accumulation_8x1_equals_1x8():
     mean_of_means = grads()
     pairs = zip(mean_of_means, full_batch, strict=True)
     assert not all(torch.allclose(a, b, atol=1e-6) for a, b in pairs)
-
-
-def test_nsft_loss_by_hand():
-    """L = 2 + 0.5 * 3 = 3.5; negatives only: 0.5 * 3 = 1.5; gradients 1 and lam."""
-    chosen = torch.tensor(2.0, requires_grad=True)
-    negative = torch.tensor(3.0, requires_grad=True)
-    loss, metrics = nsft_loss(chosen, negative, lam=0.5)
-    close(loss, 3.5)
-    close(metrics["chosen_loss"], 2.0)
-    close(metrics["negative_loss"], 3.0)
-    loss.backward()
-    close(chosen.grad, 1.0)
-    close(negative.grad, 0.5)
-    loss, metrics = nsft_loss(None, torch.tensor(3.0), lam=0.5)
-    close(loss, 1.5)
-    assert "chosen_loss" not in metrics
 
 
 # --------------------------------------------------------------------------- KL estimators

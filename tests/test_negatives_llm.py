@@ -353,27 +353,91 @@ def test_transformers_backend(tiny_llm):
     _check_every_row_accounted(rows, out.to_pylist())
 
 
+@pytest.fixture(scope="module")
+def memorizing_llm(tiny_llm, tmp_path_factory):
+    """The tiny Llama trained until its greedy reply to the constructor's prompt for rows r0-r2 is
+    GOOD as JSON: a real model whose output is scripted by its weights, so a backend's success path
+    (prompt -> chat template -> generate -> decode -> parse) can be checked end to end."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llm)
+    model = AutoModelForCausalLM.from_pretrained(tiny_llm)
+    reply = json.dumps(GOOD) + tokenizer.eos_token
+    batch = []
+    for i in range(3):
+        prompt = tokenizer.apply_chat_template(
+            [{"role": "user", "content": build_prompt(row(f"r{i}"), CODEBOOK, 8)}],
+            tokenize=False, add_generation_prompt=True)
+        p_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        r_ids = tokenizer(reply, add_special_tokens=False)["input_ids"]
+        batch.append((torch.tensor(p_ids + r_ids), len(p_ids)))
+    ids = torch.nn.utils.rnn.pad_sequence([x for x, _ in batch], batch_first=True,
+                                          padding_value=tokenizer.pad_token_id)
+    labels = torch.full_like(ids, -100)
+    for i, (x, n_prompt) in enumerate(batch):
+        labels[i, n_prompt: len(x)] = x[n_prompt:]
+    mask = (torch.arange(ids.shape[1])[None] < torch.tensor([len(x) for x, _ in batch])[:, None])
+    torch.manual_seed(0)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    for _ in range(300):
+        out = model(input_ids=ids, attention_mask=mask.long(), labels=labels)
+        # Greedy decoding reproduces the reply exactly once every teacher-forced argmax is the
+        # next reply token: stop there (about a third of the steps a loss threshold needs).
+        predicted = out.logits[:, :-1].argmax(-1)
+        target = labels[:, 1:]
+        if bool((predicted[target != -100] == target[target != -100]).all()):
+            break
+        opt.zero_grad()
+        out.loss.backward()
+        opt.step()
+    else:
+        raise AssertionError("the tiny LLM did not memorise the reply in 300 steps")
+    path = tmp_path_factory.mktemp("memorizing-llm")
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path)
+
+
+def _check_good_conversations(rows, out_rows):
+    """Fails unless every row ends as its chosen conversation plus GOOD's negative turn."""
+    got = {}
+    for r in out_rows:
+        assert not r["quarantine_reason"], r
+        got.setdefault(r["parent_id"], {})[r["origin"]] = r["messages"]
+    assert set(got) == {r["id"] for r in rows}
+    for produced in got.values():
+        assert [m["content"] for m in produced["negative"]] == [
+            GOOD["turns"][0]["question"], GOOD["turns"][0]["answer"]]
+        assert [m["role"] for m in produced["chosen"]] == ["user", "assistant"]
+
+
+def test_transformers_backend_success_path(memorizing_llm):
+    """Fails if the backend's prompt, generation or decoding breaks a reply the model gives."""
+    llm = LLMConfig(backend="transformers", model=memorizing_llm, max_tokens=128, max_retries=0,
+                    generation_batch_size=2)  # 2 + 1: a left-padded batch and a single row
+    rows = [row(f"r{i}") for i in range(3)]
+    out = NegativesBatchFn(NegativesConfig(constructor="llm", llm=llm))(preference_table(rows))
+    _check_good_conversations(rows, out.to_pylist())
+
+
 @pytest.mark.slow
 @pytest.mark.ray
 @pytest.mark.vllm
-def test_vllm_backend_in_ray_data(tiny_llm):
+def test_vllm_backend_in_ray_data(memorizing_llm, ray_session):
+    """Fails if vLLM's chat prompt, sampling or decoding breaks the reply the model gives, or if
+    a row the constructor refuses is lost instead of quarantined."""
     pytest.importorskip("vllm")
-    ray = pytest.importorskip("ray")
-
-    env = {"VLLM_CPU_KVCACHE_SPACE": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    llm = LLMConfig(backend="vllm", model=tiny_llm, max_tokens=16, max_retries=1)
-    cfg = NegativesConfig(constructor="llm", llm=llm, batch_size=4)
-    rows = [row(f"r{i}") for i in range(6)] + [{**row("same"), "rejected": "A cat on a sofa."}]
-    ray.init(num_cpus=2, include_dashboard=False, runtime_env={"env_vars": env})
-    try:
-        ds = ray.data.from_arrow(preference_table(rows)).map_batches(
-            NegativesBatchFn, fn_constructor_kwargs={"cfg": cfg}, batch_format="pyarrow",
-            batch_size=cfg.batch_size, compute=ray.data.ActorPoolStrategy(size=1), num_cpus=1,
-        )
-        out_rows = ds.take_all()
-    finally:
-        ray.shutdown()
+    ray = ray_session
+    llm = LLMConfig(backend="vllm", model=memorizing_llm, max_tokens=128, max_retries=1)
+    cfg = NegativesConfig(constructor="llm", llm=llm, batch_size=2)
+    rows = [row(f"r{i}") for i in range(3)] + [{**row("same"), "rejected": "A cat on a sofa."}]
+    ds = ray.data.from_arrow(preference_table(rows)).map_batches(
+        NegativesBatchFn, fn_constructor_kwargs={"cfg": cfg}, batch_format="pyarrow",
+        batch_size=cfg.batch_size, compute=ray.data.ActorPoolStrategy(size=1), num_cpus=1,
+    )
+    out_rows = ds.take_all()
     same = [r for r in out_rows if r["parent_id"] == "same"]
     assert [r["quarantine_reason"] for r in same] == ["identical_answers"]
-    _check_every_row_accounted(rows[:-1], [r for r in out_rows if r["parent_id"] != "same"])
+    _check_good_conversations(rows[:-1], [r for r in out_rows if r["parent_id"] != "same"])
 

@@ -54,11 +54,8 @@ def test_check_resources_names_what_is_missing():
 
 
 @pytest.fixture(scope="module")
-def local_ray():
-    ray = pytest.importorskip("ray")
-    ray.init(num_cpus=8, include_dashboard=False)
-    yield ray
-    ray.shutdown()
+def local_ray(ray_session):
+    return ray_session
 
 
 @pytest.mark.ray

@@ -20,17 +20,14 @@ MODEL_ROLES = ("actor", "critic", "reward", "reference")
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
+def setup(tmp_path_factory, ray_session):
     tmp = tmp_path_factory.mktemp("ppo_ray")
     model = build_tiny_vlm(tmp / "m", world.corpus(WorldConfig(), n=300, seed=0))
     world.write_world(WorldConfig(n_train=40, n_eval=10), tmp / "w", seed=0)
     base, processor = load_vlm(model)
     # Stand-in for the reward-model trainer's output: a value head on the tiny backbone.
     save_value_model(VLMWithValueHead(base), tmp / "rm", processor)
-    ray.init(num_cpus=8, include_dashboard=False,
-             runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}})
-    yield {"tmp": tmp, "model": model, "initial_digest": state_digest(base)}
-    ray.shutdown()
+    return {"tmp": tmp, "model": model, "initial_digest": state_digest(base)}
 
 
 def _cfg(setup, run: str, *overrides: str):

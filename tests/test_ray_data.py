@@ -27,11 +27,8 @@ CFG = ValidationConfig(max_tokens=20, max_pixels=64 * 64, min_side=8, batch_size
 
 
 @pytest.fixture(scope="module")
-def local_ray():
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    ray.data.DataContext.get_current().enable_progress_bars = False
-    yield
-    ray.shutdown()
+def local_ray(ray_session):
+    return ray_session
 
 
 def png(w: int = 16, h: int = 16) -> bytes:

@@ -51,18 +51,13 @@ def model_dir(tmp_path_factory) -> str:
 
 
 @pytest.fixture(scope="module")
-def server(model_dir):
-    """Ray Serve on a fresh local Ray serving the tiny model as 'base'."""
-    import ray
+def server(model_dir, ray_session):
+    """Ray Serve on the tests' shared Ray, serving the tiny model as 'base'."""
     from ray import serve
 
     from serve.app import APP_NAME, build_app
     from serve.config import load_serve_config
 
-    # Replicas import `serve` from this checkout (before the package is installed).
-    os.environ["PYTHONPATH"] = os.pathsep.join(
-        p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
-    ray.init(address="local", num_cpus=4, include_dashboard=False)
     port = _free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     cfg = load_serve_config(models={"base": model_dir}, port=port,
@@ -70,7 +65,6 @@ def server(model_dir):
     serve.run(build_app(cfg), name=APP_NAME, route_prefix="/")
     yield f"http://127.0.0.1:{port}"
     serve.shutdown()
-    ray.shutdown()
 
 
 def test_openai_client_through_ray_serve(server, model_dir):

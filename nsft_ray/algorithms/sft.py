@@ -12,8 +12,9 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from nsft_ray.logprobs import num_target_tokens, token_logprobs
+from nsft_ray.logprobs import num_target_tokens
 from nsft_ray.loop import Batch, Objective
+from nsft_ray.losses import sft_loss_sum
 
 __all__ = ["MODELS_RESIDENT", "model_inputs", "sft_objective"]
 
@@ -28,8 +29,8 @@ def model_inputs(batch: Batch) -> dict[str, Tensor]:
 
 
 def _token_nll_sum(model: nn.Module, batch: Batch) -> dict[str, Tensor]:
-    logits = model(**model_inputs(batch)).logits
-    return {"sft": -token_logprobs(logits, batch["labels"]).sum()}
+    total, _ = sft_loss_sum(model(**model_inputs(batch)).logits, batch["labels"])
+    return {"sft": total}
 
 
 def sft_objective() -> Objective:

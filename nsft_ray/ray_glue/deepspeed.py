@@ -26,10 +26,11 @@ def deepspeed_config(ds: DeepSpeedConfig, optim: OptimConfig, *, micro_batch_siz
                      grad_accum: int, world_size: int, on_gpu: bool) -> dict:
     """The DeepSpeed JSON config for one run."""
     bf16 = ds.precision == "bf16" or (ds.precision == "auto" and on_gpu)
-    zero: dict = {"stage": ds.stage}
-    if ds.stage >= 2:
+    stage = ds.zero_stage(world_size)
+    zero: dict = {"stage": stage}
+    if stage >= 2:
         zero.update(overlap_comm=on_gpu, contiguous_gradients=True)
-    if ds.stage == 3:
+    if stage == 3:
         zero.update(stage3_gather_16bit_weights_on_model_save=True)
     if ds.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": on_gpu}
@@ -67,7 +68,7 @@ class DeepSpeedEngine:
 
         # Skip the 40 s JIT build of the shared-memory comm op; gloo does the collectives.
         deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
-        self._zero3 = ds.stage == 3
+        self._zero3 = ds.zero_stage(world_size) == 3
         config = deepspeed_config(ds, optim, micro_batch_size=micro_batch_size,
                                   grad_accum=grad_accum, world_size=world_size, on_gpu=on_gpu)
         optimizer = make_optimizer(model, optim)

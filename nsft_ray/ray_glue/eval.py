@@ -37,6 +37,7 @@ from nsft_ray.eval.runner import (
     score,
     yes_no_texts,
 )
+from nsft_ray.ray_glue.runtime import ensure_ray
 
 __all__ = ["HFAnswerer", "VLLMAnswerer", "ANSWERERS", "answer_with_ray", "evaluate_ray"]
 
@@ -156,8 +157,7 @@ def answer_with_ray(
         raise ValueError(f"eval.backend={cfg.backend!r}: expected one of {', '.join(ANSWERERS)}")
     if not reqs:
         return [], []
-    if not ray.is_initialized():
-        ray.init(include_dashboard=False, log_to_driver=False)
+    ensure_ray()
     items = []
     for i, r in enumerate(reqs):
         p = plan.probes[r.probe]

@@ -30,6 +30,7 @@ from nsft_ray.ray_glue.data import (
     summarize,
     validate_dataset,
 )
+from nsft_ray.ray_glue.runtime import ensure_ray
 
 __all__ = ["build_negatives"]
 
@@ -44,8 +45,7 @@ def build_negatives(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    if not ray.is_initialized():
-        ray.init(include_dashboard=False, log_to_driver=False)
+    ensure_ray()
 
     ds = read_preferences(input_path, data_cfg)
     valid, v_counts = validate_dataset(

@@ -28,6 +28,7 @@ from pathlib import Path
 import ray
 import ray.train
 import torch
+from ray.data.collate_fn import NumpyBatchCollateFn
 from ray.data.expressions import col
 from ray.train import (
     Checkpoint,
@@ -57,33 +58,13 @@ from nsft_ray.ray_glue.data import (
     read_preferences,
     validate_dataset,
 )
+from nsft_ray.ray_glue.runtime import TRAIN_LOGGING, ensure_ray, quiet_train_reports
 from nsft_ray.validate import QuarantineCounts, summarize
 
 __all__ = ["train", "train_loop_per_worker", "build_train_dataset", "row_kind", "MetricsWriter"]
 
 
 # ------------------------------------------------------------------------------------ driver side
-
-REPORT_POLL_ENV = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
-REPORT_POLL_S = "0.2"
-
-
-def ensure_ray(address: str = "", num_cpus: int | None = None) -> None:
-    """Connect to `address` (or RAY_ADDRESS); otherwise start an embedded local Ray."""
-    if ray.is_initialized():
-        return
-    address = address or os.environ.get("RAY_ADDRESS", "")
-    if address:  # a cluster (or a Ray job): its runtime env, set at submission, applies
-        ray.init(address=address)
-    else:
-        # Ray Train's controller collects a worker's `ray.train.report` only when it polls (every
-        # 2 s by default) and the worker blocks until then: poll faster on the embedded Ray, where
-        # short steps would otherwise wait up to 2 s per report (measured: benchmarks/README.md).
-        poll = os.environ.setdefault(REPORT_POLL_ENV, REPORT_POLL_S)
-        env = {"env_vars": {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
-                            REPORT_POLL_ENV: poll}}
-        ray.init(num_cpus=num_cpus, include_dashboard=False, runtime_env=env)
-
 
 def row_kind(cfg: Config, algo: str) -> str:
     """"conversation" for algorithms trained on conversation rows (sft, nsft), else "preference"."""
@@ -170,6 +151,7 @@ def train(cfg: Config, algo: str) -> dict:
             storage_path=str(run_dir / "ray"),
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.num_to_keep),
             failure_config=FailureConfig(max_failures=cfg.train.max_failures),
+            logging_config=TRAIN_LOGGING,
         ),
         datasets={"train": ds},
         dataset_config=DataConfig(execution_options=_ingest_options(cfg.train.preserve_order)),
@@ -194,7 +176,8 @@ def train(cfg: Config, algo: str) -> dict:
         "checkpoint": result.checkpoint.path if result.checkpoint else None,
         "model": str(run_dir / "model") if cfg.train.export else None,
         "num_workers": cfg.resources.num_workers,
-        "deepspeed_stage": cfg.deepspeed.stage if cfg.deepspeed.enabled else None,
+        "deepspeed_stage": (cfg.deepspeed.zero_stage(cfg.resources.num_workers)
+                            if cfg.deepspeed.enabled else None),
     }
     if algo == "reward" and cfg.reward.eval_data and cfg.train.export:  # held-out accuracy
         from nsft_ray.algorithms.reward import evaluate_reward_model
@@ -249,10 +232,22 @@ def _make_engine(model: torch.nn.Module, cfg: Config, total_steps: int, world_si
                        cfg.optim.max_grad_norm)
 
 
+class NumpyCollate(NumpyBatchCollateFn):
+    """Ray Data's typed wrapper for our collators (numpy batch in, torch tensors out); a bare
+    function is deprecated since Ray 2.47."""
+
+    def __init__(self, collate) -> None:
+        self.collate = collate
+
+    def __call__(self, batch: dict) -> dict:
+        return self.collate(batch)
+
+
 def train_loop_per_worker(config: dict) -> None:
     """Runs on every Ray Train worker."""
     from tqdm import tqdm
 
+    quiet_train_reports()
     cfg: Config = from_dict(Config, config["cfg"])
     algo, total_steps = config["algo"], config["total_steps"]
     run_dir = Path(config["run_dir"])
@@ -274,7 +269,7 @@ def train_loop_per_worker(config: dict) -> None:
             state = TrainState(**engine.load(Path(d))["train_state"])
 
     shard = ray.train.get_dataset_shard("train")  # (1) this worker's stream of rows
-    collate = spec.collate(processor, cfg)
+    collate = NumpyCollate(spec.collate(processor, cfg))
 
     def epochs(epoch: int):
         return shard.iter_torch_batches(
@@ -317,7 +312,8 @@ def train_loop_per_worker(config: dict) -> None:
     bar.close()
     if cfg.train.export:
         export(spec, engine.module(), processor, run_dir / "model",
-               zero3=cfg.deepspeed.enabled and cfg.deepspeed.stage == 3, rank=rank)
+               zero3=cfg.deepspeed.enabled and cfg.deepspeed.zero_stage(world_size) == 3,
+               rank=rank)
     if writer:
         writer.close()
 

@@ -1,0 +1,71 @@
+"""The one place nsft-ray starts or joins Ray, with a console a person can read.
+
+On a cluster (``address`` or RAY_ADDRESS) the job's runtime env, set at submission, applies. The
+embedded local Ray gets the environment our workers need and a quiet console:
+
+* Ray's own INFO lines ("Started a local Ray instance", per-report lines) stay in the session's
+  log folder (``ray_log_dir()``); warnings and errors still reach the console.
+* Ray Data's progress lines go to ray-data.log (ray_data_logging.yaml, set in __init__.py).
+* Ray Train reports are logged at WARNING on the console (``TRAIN_LOGGING``).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import ray
+import ray.data
+import ray.train
+
+__all__ = ["ensure_ray", "ray_log_dir", "quiet_train_reports", "TRAIN_LOGGING", "REPORT_POLL_ENV",
+           "REPORT_POLL_S"]
+
+# Ray Train's controller collects a worker's `ray.train.report` only when it polls (every 2 s by
+# default) and the worker blocks until then: poll faster on the embedded Ray, where short steps
+# would otherwise wait up to 2 s per report (measured: benchmarks/README.md).
+REPORT_POLL_ENV = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
+REPORT_POLL_S = "0.2"
+# For RunConfig(logging_config=...): "Reporting training result N: TrainingReport(...)" is INFO.
+TRAIN_LOGGING = ray.train.LoggingConfig(log_level="WARNING")
+
+
+def ensure_ray(address: str = "", num_cpus: int | None = None) -> None:
+    """Connect to `address` (or RAY_ADDRESS); otherwise start an embedded local Ray."""
+    if ray.is_initialized():
+        return
+    # One progress bar per stage is ours to draw; Ray Data's per-operator bars (validation,
+    # splits, eval passes) would interleave with it. Datasets carry this context to their workers.
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    address = address or os.environ.get("RAY_ADDRESS", "")
+    if address:
+        ray.init(address=address, logging_level=logging.WARNING)
+        return
+    poll = os.environ.setdefault(REPORT_POLL_ENV, REPORT_POLL_S)
+    env = {"env_vars": {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+                        REPORT_POLL_ENV: poll,
+                        "RAY_DATA_LOGGING_CONFIG": os.environ["RAY_DATA_LOGGING_CONFIG"]}}
+    # address="local": always a new embedded instance, never a stray one another process started.
+    ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, runtime_env=env,
+             logging_level=logging.WARNING)
+    print(f"Ray started; its logs: {ray_log_dir()}", flush=True)
+
+
+def ray_log_dir() -> str:
+    """The Ray session's log folder (where worker, Ray Data and Ray Train logs are written)."""
+    return os.path.join(ray._private.worker._global_node.get_session_dir_path(), "logs")
+
+
+def quiet_train_reports() -> None:
+    """On a Ray Train worker: no console line per `ray.train.report` (metrics.jsonl has them),
+    and no weight-loading bars.
+
+    TRAIN_LOGGING cannot remove them on Ray 2.60: that module names its logger by its file path
+    (``logging.getLogger(__file__)``), outside the ``ray.train`` tree the level filter covers.
+    """
+    import transformers
+    from ray.train.v2._internal.execution import context
+
+    logging.getLogger(context.__file__).setLevel(logging.WARNING)
+    # "Loading weights" / "Writing model shards" bars, twice per run: the step bar is the one.
+    transformers.utils.logging.disable_progress_bar()
