@@ -14,6 +14,7 @@ token to learn from raises ValueError naming the row: validation should have qua
 
 from __future__ import annotations
 
+import hashlib
 import io
 import re
 from collections.abc import Mapping, Sequence
@@ -38,6 +39,7 @@ __all__ = [
 ]
 
 IGNORE_INDEX = -100
+TEXT_KEYS = frozenset({"input_ids", "attention_mask", "labels"})  # the rest: vision tensors
 _GENERATION_MARKER = re.compile(r"{%-?\s*generation\s*-?%}")
 
 
@@ -185,10 +187,17 @@ class Collator:
     (pixel_values, and pixel_attention_mask for Idefics3), zero-padded to a common shape.
     """
 
-    def __init__(self, processor: ProcessorMixin, max_length: int):
+    def __init__(self, processor: ProcessorMixin, max_length: int, cache: bool = False):
         self.processor = processor
         self.max_length = max_length
         self.pad_values = pad_values(processor)
+        # cache=True keeps every encoded conversation for the next epoch (train.cache_encoded):
+        # the chat template, tokenizer and image processor are about a third of a tiny model's
+        # step on CPU, and their output for a row never changes. Images are kept once however
+        # many conversations show them (their vision tensors are shared, not copied).
+        self.cache = cache
+        self._conversations: dict[bytes, dict[str, Tensor]] = {}
+        self._images: dict[bytes, dict[str, Tensor]] = {}
 
     def __call__(
         self, batch: Sequence[Mapping[str, Any]] | Mapping[str, Sequence]
@@ -198,17 +207,30 @@ class Collator:
             try:
                 if row.get("image") is None:
                     raise ValueError("image is missing; expected encoded image bytes")
-                messages = row.get("messages")
-                examples.append(encode_conversation(
-                    self.processor, decode_image(row["image"]),
-                    [] if messages is None else list(messages), self.max_length,
-                ))
+                messages = [] if row.get("messages") is None else list(row["messages"])
+                examples.append(self._encode(row["image"], messages))
             except (ValueError, OSError) as e:  # OSError: PIL cannot decode the bytes
                 raise ValueError(f"row {row.get('id', i)!r}: {e}") from e
         if not examples:
             raise ValueError("empty batch: expected at least one conversation row")
         return {k: _pad_stack([ex[k] for ex in examples], self.pad_values.get(k, 0))
                 for k in examples[0]}
+
+    def _encode(self, image: bytes, messages: list) -> dict[str, Tensor]:
+        if not self.cache or not isinstance(image, (bytes, bytearray)):
+            return encode_conversation(self.processor, decode_image(image), messages,
+                                       self.max_length)
+        # Keyed by content, not by row id: a repeated id with other content is never confused.
+        image_key = hashlib.blake2b(image, digest_size=16).digest()
+        key = image_key + hashlib.blake2b(repr(messages).encode(), digest_size=16).digest()
+        if key not in self._conversations:
+            example = encode_conversation(self.processor, decode_image(image), messages,
+                                          self.max_length)
+            text = {k: v for k, v in example.items() if k in TEXT_KEYS}
+            vision = self._images.setdefault(
+                image_key, {k: v for k, v in example.items() if k not in TEXT_KEYS})
+            self._conversations[key] = {**text, **vision}
+        return self._conversations[key]
 
 
 def _pad_stack(tensors: list[Tensor], value: int) -> Tensor:

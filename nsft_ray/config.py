@@ -223,6 +223,10 @@ class TrainConfig:
     max_length: int = 256  # tokens per sequence, image tokens included
     shuffle: bool = True  # a full shuffle seeded by run.seed, then a local buffer on every worker
     materialize: bool = False  # keep the (small) dataset in the object store instead of re-reading
+    # Keep each encoded conversation (tokens, labels; each image's pixels once) in the worker for
+    # the next epoch: for multi-epoch runs on small data (the demo's grounding stage: 12 epochs).
+    # Identical batches; memory grows with the distinct rows and images seen.
+    cache_encoded: bool = False
     log_every: int = 10  # optimizer steps between metric reports
     checkpoint_every: int = 0  # optimizer steps between checkpoints; 0: only at the end
     num_to_keep: int = 2

@@ -158,6 +158,31 @@ def test_collator_accepts_ray_style_column_batches(processor):
     assert all(torch.equal(from_columns[k], from_rows[k]) for k in from_rows)
 
 
+def test_cached_collator_gives_the_same_batches_and_encodes_each_row_once(processor, monkeypatch):
+    """train.cache_encoded: fails if a cached batch differs from an uncached one, if a row is
+    encoded again in a later epoch, if a row that shares an id but not its content reuses the
+    other's labels, or if two conversations about one image hold two copies of its pixels."""
+    import nsft_ray.collate as collate_module
+
+    calls = []
+    real = collate_module.encode_conversation
+    monkeypatch.setattr(collate_module, "encode_conversation",
+                        lambda *a, **k: calls.append(1) or real(*a, **k))
+    same_id_other_text = {**rows()[0], "messages": [
+        {"role": "user", "content": "How many squares are there?"},
+        {"role": "assistant", "content": "There is one circle."}]}
+    batch = [*rows(), same_id_other_text]
+    plain = Collator(processor, max_length=256)(batch)
+    cached = Collator(processor, max_length=256, cache=True)
+    for _epoch in range(3):
+        got = cached(batch)
+        assert set(got) == set(plain) and all(torch.equal(got[k], plain[k]) for k in plain)
+    assert len(calls) == 3 + 3  # the plain pass, then the first cached epoch only
+    assert len(cached._conversations) == 3 and len(cached._images) == 2
+    first, third = (cached._conversations[k] for k in list(cached._conversations)[::2])
+    assert first["pixel_values"] is third["pixel_values"]  # one image, one tensor
+
+
 def test_collator_names_the_bad_row(processor):
     bad = rows()
     bad[1]["messages"] = [{"role": "assistant", "content": "No."}]

@@ -58,7 +58,7 @@ def conversation_collate(processor: Any, cfg: Config) -> Callable[[dict], dict]:
     """Conversation rows -> padded tensors with assistant-only labels and an `is_negative` flag."""
     from nsft_ray.collate import Collator
 
-    collator = Collator(processor, cfg.train.max_length)
+    collator = Collator(processor, cfg.train.max_length, cache=cfg.train.cache_encoded)
 
     def collate(batch: dict) -> dict:
         out = collator(batch)
