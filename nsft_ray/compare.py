@@ -156,6 +156,8 @@ def _shared_rows(cfg: Config, out: Path) -> dict[str, Any]:
     import pyarrow.dataset as pads
     import pyarrow.parquet as pq
 
+    from nsft_ray.data import read_preference_file
+
     c = cfg.compare
     data = out / "data"
     counts_path = data / "counts.json"
@@ -164,7 +166,9 @@ def _shared_rows(cfg: Config, out: Path) -> dict[str, Any]:
     conversations = pads.dataset(c.conversations).to_table()
     negative = pc.equal(conversations["origin"], "negative")
     constructed = set(conversations.filter(negative)["parent_id"].to_pylist())
-    prefs = pq.read_table(c.preferences)
+    # Any data.format build-negatives read (issue 13's published layouts too); a record the
+    # reader could not use has no corrective conversation, so it is dropped for all below.
+    prefs = read_preference_file(c.preferences, cfg.data)
     ids = prefs["id"].to_pylist()
     keep = [i for i in ids if i in constructed]
     keep = keep[:c.pairs] if c.pairs else keep
@@ -244,6 +248,7 @@ def _stage(method: str, candidate: dict, seed: int, cfg: Config, out: Path, run_
         "model": {"name_or_path": c.base_model},
         # The shared rows were validated when they were built (build-negatives).
         "train": {"data": (str(rows),), "max_steps": plan.get("steps", 0), "validate": False},
+        "data": {"format": "parquet", "root": ""},  # OUT/data/ is ours, whatever the input was
     }
     for name, fields in candidate.items():
         sections.setdefault(name, {}).update(fields)

@@ -8,6 +8,7 @@ import pytest
 
 from nsft_ray.compare import (
     BaseGateFailed,
+    _shared_rows,
     _stage,
     budget,
     candidates,
@@ -184,3 +185,28 @@ def test_ablations_change_only_what_they_ablate(tmp_path):
     for s in (no_chosen, kl, refute):
         assert s.optim.lr == 0.003 and s.model.name_or_path == "/m"
     assert [s.train.max_steps for s in (nsft, no_chosen, kl, refute)] == [3, 2, 3, 3]
+
+
+def test_shared_rows_read_any_data_format_and_training_reads_ours(tmp_path):
+    """Fails if compare cannot take a preference file in another layout (here JSON Lines with an
+    image folder) or if the training stages would read compare's own Parquet with that layout's
+    reader."""
+    n, failed = _tiny_inputs(tmp_path)
+    prefs = pq.read_table(tmp_path / "w" / "pref_train.parquet").to_pylist()
+    (tmp_path / "img").mkdir()
+    with (tmp_path / "prefs.jsonl").open("w") as f:
+        for r in prefs:
+            (tmp_path / "img" / f"{r['id']}.png").write_bytes(r["image"])
+            f.write(json.dumps({"id": r["id"], "image": f"img/{r['id']}.png", "prompt": r["prompt"],
+                                "chosen": r["chosen"], "rejected": r["rejected"]}) + "\n")
+        f.write('{"id": "broken", "prompt": "no image"}\n')  # unreadable: dropped for all
+    cfg = _tiny_config(tmp_path, f"compare.preferences={tmp_path / 'prefs.jsonl'}",
+                       "data.format=jsonl", "compare.pairs=0")
+    counts = _shared_rows(cfg, tmp_path / "out")
+    assert counts["preference_rows"] == n + 1 and counts["dropped_for_all"] == len(failed) + 1
+    shared = pq.read_table(tmp_path / "out" / "data" / "preferences.parquet").to_pylist()
+    by_id = {r["id"]: r for r in prefs}
+    assert {r["id"] for r in shared} == set(by_id) - failed
+    assert all(r["image"] == by_id[r["id"]]["image"] for r in shared)  # the file's bytes
+    stage = _stage("dpo", {}, 0, cfg, tmp_path / "out", tmp_path / "run", counts)
+    assert stage.data.format == "parquet"
