@@ -18,8 +18,8 @@ import ray
 import ray.data
 import ray.train
 
-__all__ = ["ensure_ray", "ray_log_dir", "quiet_train_reports", "TRAIN_LOGGING", "REPORT_POLL_ENV",
-           "REPORT_POLL_S"]
+__all__ = ["ensure_ray", "ray_log_dir", "quiet_train_reports", "step_bar", "TRAIN_LOGGING",
+           "REPORT_POLL_ENV", "REPORT_POLL_S"]
 
 # Ray Train's controller collects a worker's `ray.train.report` only when it polls (every 2 s by
 # default) and the worker blocks until then: poll faster on the embedded Ray, where short steps
@@ -69,3 +69,22 @@ def quiet_train_reports() -> None:
     logging.getLogger(context.__file__).setLevel(logging.WARNING)
     # "Loading weights" / "Writing model shards" bars, twice per run: the step bar is the one.
     transformers.utils.logging.disable_progress_bar()
+
+
+class _NoBar:
+    def update(self, n: int = 1) -> None: ...
+    def set_description(self, desc: str) -> None: ...
+    def close(self) -> None: ...
+
+
+def step_bar(desc: str, total: int, done: int, show: bool = True):
+    """A training run's step bar, drawn once by the driver (Ray's tqdm_ray): a worker's own tqdm
+    reaches the console as one forwarded line per refresh. Other ranks get a bar that draws
+    nothing."""
+    if not show:
+        return _NoBar()
+    from ray.experimental import tqdm_ray
+
+    bar = tqdm_ray.tqdm(total=total, desc=desc, unit="step")
+    bar.n = done  # resumed runs start where their checkpoint was
+    return bar

@@ -58,7 +58,7 @@ from nsft_ray.ray_glue.data import (
     read_preferences,
     validate_dataset,
 )
-from nsft_ray.ray_glue.runtime import TRAIN_LOGGING, ensure_ray, quiet_train_reports
+from nsft_ray.ray_glue.runtime import TRAIN_LOGGING, ensure_ray, quiet_train_reports, step_bar
 from nsft_ray.validate import QuarantineCounts, summarize
 
 __all__ = ["train", "train_loop_per_worker", "build_train_dataset", "row_kind", "MetricsWriter"]
@@ -245,8 +245,6 @@ class NumpyCollate(NumpyBatchCollateFn):
 
 def train_loop_per_worker(config: dict) -> None:
     """Runs on every Ray Train worker."""
-    from tqdm import tqdm
-
     quiet_train_reports()
     cfg: Config = from_dict(Config, config["cfg"])
     algo, total_steps = config["algo"], config["total_steps"]
@@ -279,13 +277,12 @@ def train_loop_per_worker(config: dict) -> None:
         )
 
     writer = MetricsWriter(run_dir) if rank == 0 else None
-    bar = tqdm(total=total_steps, initial=state.step, desc=algo, disable=rank != 0,
-               mininterval=5.0)
+    bar = step_bar(algo, total_steps, state.step, show=rank == 0)
 
     def log(metrics: dict) -> None:
         if writer:
             writer.write(metrics)
-            bar.set_postfix(loss=f"{metrics.get(f'{algo}/loss', float('nan')):.4f}")
+            bar.set_description(f"{algo} loss {metrics.get(f'{algo}/loss', float('nan')):.4f}")
         ray.train.report(metrics)  # (2)
 
     def save(st: TrainState, metrics: dict) -> None:
