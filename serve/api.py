@@ -224,30 +224,8 @@ def create_app(
     app = FastAPI(title="nsft-ray serve", docs_url=None, redoc_url=None, openapi_url=None)
     names = list(engines)
     started = int(time.time())
-
-    @app.exception_handler(ApiError)
-    async def _api_error(_: Request, e: ApiError) -> JSONResponse:
-        return JSONResponse(error_body(e), status_code=e.status)
-
-    @app.exception_handler(StarletteHTTPException)
-    async def _http_error(_: Request, e: StarletteHTTPException) -> JSONResponse:
-        err = ApiError(e.status_code, str(e.detail), None, _HTTP_CODES.get(e.status_code))
-        return JSONResponse(error_body(err), status_code=e.status_code)
-
-    @app.exception_handler(Exception)
-    async def _server_error(_: Request, e: Exception) -> JSONResponse:
-        log.exception("internal error")
-        err = ApiError(500, f"internal error: {type(e).__name__}", None, None, "server_error")
-        return JSONResponse(error_body(err), status_code=500)
-
-    def check_auth(request: Request) -> None:
-        if token is None:
-            return
-        given = request.headers.get("authorization", "")
-        scheme, _, value = given.partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(value.encode(), token.encode()):
-            raise ApiError(401, "missing or wrong bearer token: send Authorization: Bearer <token>",
-                           None, "invalid_api_key")
+    _add_error_handlers(app)
+    check_auth = _auth_check(token)
 
     @app.get("/health")
     async def health() -> dict:
@@ -282,23 +260,60 @@ def create_app(
             return JSONResponse(completion_body(rid, created, req.model, result.choices,
                                                 result.prompt_tokens, result.completion_tokens))
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
-
-        async def events() -> AsyncIterator[str]:
-            # The answer is complete before the first chunk: batching in the model replica and
-            # vllm.LLM give whole answers, so this is OpenAI's framing, not token-level latency.
-            for i, (text, reason) in enumerate(result.choices):
-                yield _sse(chunk_body(rid, created, req.model, i, {"role": "assistant",
-                                                                  "content": ""}))
-                for piece in _pieces(text):
-                    yield _sse(chunk_body(rid, created, req.model, i, {"content": piece}))
-                yield _sse(chunk_body(rid, created, req.model, i, {}, reason))
-            if include_usage:
-                yield _sse(chunk_body(rid, created, req.model, None, usage=usage))
-            yield "data: [DONE]\n\n"
-
-        return StreamingResponse(events(), media_type="text/event-stream")
+        return StreamingResponse(
+            _events(rid, created, req.model, result.choices, usage if include_usage else None),
+            media_type="text/event-stream")
 
     return app
+
+
+def _add_error_handlers(app: FastAPI) -> None:
+    """Every error leaves as OpenAI's error body."""
+
+    @app.exception_handler(ApiError)
+    async def _api_error(_: Request, e: ApiError) -> JSONResponse:
+        return JSONResponse(error_body(e), status_code=e.status)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(_: Request, e: StarletteHTTPException) -> JSONResponse:
+        err = ApiError(e.status_code, str(e.detail), None, _HTTP_CODES.get(e.status_code))
+        return JSONResponse(error_body(err), status_code=e.status_code)
+
+    @app.exception_handler(Exception)
+    async def _server_error(_: Request, e: Exception) -> JSONResponse:
+        log.exception("internal error")
+        err = ApiError(500, f"internal error: {type(e).__name__}", None, None, "server_error")
+        return JSONResponse(error_body(err), status_code=500)
+
+
+def _auth_check(token: str | None):
+    """A request check: the bearer token must equal `token` (None: every request passes)."""
+
+    def check_auth(request: Request) -> None:
+        if token is None:
+            return
+        given = request.headers.get("authorization", "")
+        scheme, _, value = given.partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(value.encode(), token.encode()):
+            raise ApiError(401, "missing or wrong bearer token: send Authorization: Bearer <token>",
+                           None, "invalid_api_key")
+
+    return check_auth
+
+
+async def _events(rid: str, created: int, model: str, choices, usage: dict | None
+                  ) -> AsyncIterator[str]:
+    """OpenAI's SSE framing of finished answers. The answer is complete before the first chunk:
+    batching in the model replica and vllm.LLM give whole answers, so this is not token-level
+    latency."""
+    for i, (text, reason) in enumerate(choices):
+        yield _sse(chunk_body(rid, created, model, i, {"role": "assistant", "content": ""}))
+        for piece in _pieces(text):
+            yield _sse(chunk_body(rid, created, model, i, {"content": piece}))
+        yield _sse(chunk_body(rid, created, model, i, {}, reason))
+    if usage is not None:
+        yield _sse(chunk_body(rid, created, model, None, usage=usage))
+    yield "data: [DONE]\n\n"
 
 
 def local_app(cfg: ServeConfig) -> FastAPI:
