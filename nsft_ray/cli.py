@@ -122,7 +122,7 @@ def cmd_train(args: argparse.Namespace) -> dict:
 
 
 def cmd_eval(args: argparse.Namespace) -> dict:
-    from nsft_ray.eval import evaluate
+    from nsft_ray.ray_glue.eval import run_eval
 
     cfg = _resolved(args)
     bench = bool(cfg.eval.pope or cfg.eval.amber)
@@ -135,10 +135,8 @@ def cmd_eval(args: argparse.Namespace) -> dict:
         generate_fn, score_fn = hf_answer_fns(args.model, cfg.eval.max_new_tokens)
     result: dict = {}
     if args.data:
-        local = cfg.eval.engine == "local"
-        result = evaluate(args.model, args.data, cfg.eval, seed=cfg.run.seed,
-                          generate_fn=generate_fn if local else None,
-                          score_fn=score_fn if local else None)
+        local = {"generate_fn": generate_fn, "score_fn": score_fn} if generate_fn else {}
+        result = run_eval(args.model, args.data, cfg.eval, seed=cfg.run.seed, **local)
     if bench:
         from nsft_ray.eval.benchmarks import run_benchmarks
 

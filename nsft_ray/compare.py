@@ -122,7 +122,7 @@ def gate_check(result: dict, low: float, high: float) -> dict[str, Any]:
 
 def check_base_gate(cfg: Config, out: Path) -> dict[str, Any] | None:
     """Evaluate the base's POPE answers on val and check the gate (once; kept in base_gate.json)."""
-    from nsft_ray.eval import evaluate
+    from nsft_ray.ray_glue.eval import run_eval
 
     c = cfg.compare
     path = out / "base_gate.json"
@@ -133,7 +133,7 @@ def check_base_gate(cfg: Config, out: Path) -> dict[str, Any] | None:
     else:
         # POPE only: the gate needs no generated caption or answer.
         eval_cfg = dataclasses.replace(cfg.eval, split="val", generate_images=0, image_swap=False)
-        result = evaluate(c.base_model, c.eval_data, eval_cfg, seed=cfg.run.seed)
+        result = run_eval(c.base_model, c.eval_data, eval_cfg, seed=cfg.run.seed)
         gate = gate_check(result, c.gate_low, c.gate_high)
         path.write_text(json.dumps(gate, indent=2))
     verdict = "PASSED" if gate["passed"] else "FAILED"
@@ -329,7 +329,7 @@ def val_score(result: dict, metric: str) -> float:
 
 def _select(method: str, cfg: Config, out: Path, counts: dict) -> int:
     """Index of the method's chosen candidate: trained at the first seed, scored on val."""
-    from nsft_ray.eval import evaluate
+    from nsft_ray.ray_glue.eval import run_eval
 
     options = candidates(method, cfg)
     path = out / "selection" / f"{method}.json"
@@ -346,7 +346,7 @@ def _select(method: str, cfg: Config, out: Path, counts: dict) -> int:
             _train(method, _stage(method, candidate, seed, cfg, out, run_dir, counts), out,
                    counts)
         val_cfg = dataclasses.replace(cfg.eval, split="val", image_swap=False)
-        result = evaluate(str(run_dir / "model"), cfg.compare.eval_data, val_cfg, seed=seed)
+        result = run_eval(str(run_dir / "model"), cfg.compare.eval_data, val_cfg, seed=seed)
         scores.append(val_score(result, cfg.compare.select_metric))
     chosen = max(range(len(options)), key=lambda i: scores[i])
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -361,8 +361,8 @@ def _select(method: str, cfg: Config, out: Path, counts: dict) -> int:
 def run_method(method: str, seed: int, cfg: Config, out: Path, counts: dict,
                chosen: dict[str, int]) -> dict:
     """Train (unless base) and evaluate one method for one seed on eval; return its record."""
-    from nsft_ray.eval import evaluate
     from nsft_ray.models import load_vlm, param_count
+    from nsft_ray.ray_glue.eval import run_eval
 
     c = cfg.compare
     summary: dict[str, Any] = {}
@@ -381,7 +381,7 @@ def run_method(method: str, seed: int, cfg: Config, out: Path, counts: dict,
         else:
             summary, curve = _train(method, stage, out, counts)
         model_dir = run_dir / "model"
-    result = evaluate(str(model_dir), c.eval_data, dataclasses.replace(cfg.eval, split="eval"),
+    result = run_eval(str(model_dir), c.eval_data, dataclasses.replace(cfg.eval, split="eval"),
                       seed=seed)
     model, _ = load_vlm(c.base_model)
     hidden = getattr(model.config, "text_config", model.config).hidden_size

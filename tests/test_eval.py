@@ -446,7 +446,9 @@ def test_logit_gap_matches_a_naive_per_probe_forward(world_dir, tiny_model, shor
 def test_ray_data_pass_matches_local(world_dir, tiny_model, ray_session):
     cfg = EvalConfig(max_images=3, max_new_tokens=8, batch_size=8, examples=1000)
     local = evaluate(str(tiny_model), str(world_dir), cfg)
-    remote = evaluate(str(tiny_model), str(world_dir), replace(cfg, engine="ray"))
+    from nsft_ray.ray_glue.eval import run_eval
+
+    remote = run_eval(str(tiny_model), str(world_dir), replace(cfg, engine="ray"))
     assert remote["engine"] == "ray/hf"
     answers = [e["answer"] for e in remote["examples"] if e["kind"] != "pope"]
     assert answers == [e["answer"] for e in local["examples"] if e["kind"] != "pope"]

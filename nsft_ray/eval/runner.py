@@ -407,16 +407,16 @@ def evaluate(
     Returns {"pope": {setting or "all": metrics with auroc}, "pope_swap" (the same, image-swap
     control; None without it), "chair", "yes_no_accuracy", "attribute_accuracy", "count_accuracy",
     "position_accuracy", "scene_accuracy" (each rate with a "<name>_se"), "items", "n_images",
-    "n_probes", "seconds", "engine", "data", "examples"}. cfg.engine="ray" (without generate_fn)
-    runs the Ray Data pass. With eval.pope_decision="logit" a given generate_fn needs a score_fn.
+    "n_probes", "seconds", "engine", "data", "examples"}. The Ray Data pass (cfg.engine="ray")
+    is nsft_ray.ray_glue.eval.run_eval. With eval.pope_decision="logit" a given generate_fn needs a
+    score_fn.
     """
     if cfg.engine not in ("local", "ray"):
         raise ValueError(f"eval.engine={cfg.engine!r}: expected 'local' or 'ray'")
     if generate_fn is None and cfg.engine == "ray":
-        # Imported here: the core must import without Ray; only this engine needs it.
-        from nsft_ray.ray_glue.eval import evaluate_ray
-
-        return evaluate_ray(model_dir, data_dir, cfg, seed)
+        raise ValueError("eval.engine='ray' is a Ray Data pass: run it with "
+                         "nsft_ray.ray_glue.eval.run_eval (as the CLI and compare do); evaluate() "
+                         "answers in this process")
     if generate_fn is not None and score_fn is None and cfg.pope_decision == "logit":
         raise ValueError("eval.pope_decision='logit' decides POPE by the score: pass a score_fn "
                          "with generate_fn, or set eval.pope_decision='generate'")

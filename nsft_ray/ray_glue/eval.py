@@ -32,6 +32,7 @@ from nsft_ray.eval.runner import (
     answer_batch,
     build_requests,
     collect,
+    evaluate,
     hf_answer_fns,
     plan_eval,
     score,
@@ -39,7 +40,7 @@ from nsft_ray.eval.runner import (
 )
 from nsft_ray.ray_glue.runtime import ensure_ray
 
-__all__ = ["HFAnswerer", "VLLMAnswerer", "ANSWERERS", "answer_with_ray", "evaluate_ray"]
+__all__ = ["HFAnswerer", "VLLMAnswerer", "ANSWERERS", "answer_with_ray", "evaluate_ray", "run_eval"]
 
 
 class _Images:
@@ -192,3 +193,13 @@ def evaluate_ray(model_dir: str, data_dir: str, cfg: EvalConfig, seed: int = 0) 
     result = score(plan, collect(plan, reqs, texts, scores), cfg)
     result.update(engine=f"ray/{cfg.backend}", seconds=round(time.perf_counter() - start, 3))
     return result
+
+
+def run_eval(model_dir: str, data_dir: str, cfg: EvalConfig, seed: int = 0,
+             **local: Any) -> dict[str, Any]:
+    """The evaluation eval.engine asks for: a Ray Data pass ("ray") or this process ("local",
+    where `local` may pass evaluate's generate_fn / score_fn). The launch layer calls this; the
+    core's `evaluate` never reaches into Ray."""
+    if cfg.engine == "ray":
+        return evaluate_ray(model_dir, data_dir, cfg, seed)
+    return evaluate(model_dir, data_dir, cfg, seed, **local)
