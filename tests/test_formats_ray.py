@@ -1,4 +1,4 @@
-"""`nsft-ray build-negatives data.format=<published layout>` end to end on a local 2-CPU Ray.
+"""`nsft-ray build-negatives data.format=<published layout>` end to end on the tests' shared Ray.
 
 One Parquet layout (RLAIF-V, read by Ray Data's Parquet reader and mapped per batch) and one JSON
 layout (POVID, split per file and mapped per batch), through the console script's own function.
@@ -17,11 +17,8 @@ pytestmark = pytest.mark.ray
 
 
 @pytest.fixture(scope="module")
-def local_ray():
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    ray.data.DataContext.get_current().enable_progress_bars = False
-    yield
-    ray.shutdown()
+def local_ray(ray_session):
+    return ray_session
 
 
 @pytest.mark.parametrize("fmt, write, bad", [
