@@ -1,6 +1,7 @@
 """PPO maths (hand-built tensors) and mechanics on a tiny VLM, without Ray."""
 
 import json
+import shutil
 
 import pyarrow.parquet as pq
 import pytest
@@ -28,7 +29,7 @@ from nsft_ray.algorithms.reward_rules import meta_problem, rule_reward, rule_rew
 from nsft_ray.collate import decode_image, encode_prompt
 from nsft_ray.config import OptimConfig, PPOConfig, WorldConfig
 from nsft_ray.logprobs import IGNORE_INDEX, token_logprobs
-from nsft_ray.loop import make_optimizer, make_scheduler
+from nsft_ray.loop import TorchEngine, make_optimizer, make_scheduler
 from nsft_ray.losses import gae, kl_k3, kl_penalty, masked_mean, ppo_policy_loss, whiten
 from nsft_ray.models import VLMWithValueHead, build_tiny_vlm, load_vlm
 from nsft_ray.negatives.claims import Vocabulary
@@ -126,7 +127,8 @@ def tiny(tmp_path_factory):
     seq = build_sequences(encode_prompt(processor, images, prompts), responses,
                           processor.tokenizer.pad_token_id)
     return {"path": path, "model": model, "processor": processor, "rows": rows,
-            "images": images, "prompts": prompts, "responses": responses, "seq": seq}
+            "images": images, "prompts": prompts, "responses": responses, "seq": seq,
+            "data": tmp / "w" / "pref_train.parquet"}
 
 
 def test_build_sequences_appends_responses_after_the_prompt(tiny):
@@ -138,6 +140,21 @@ def test_build_sequences_appends_responses_after_the_prompt(tiny):
         assert seq.inputs["attention_mask"][i, p:].sum() == len(r)
     with pytest.raises(ValueError, match="no token"):
         build_sequences(_fake_prompt(2), [[1], []], pad_id=0)
+
+
+def test_an_engines_share_of_the_prompts_is_encoded_as_its_rows_alone(tiny):
+    """Fails if an engine given some rows of the batch's encoded prompts (tokens and image
+    tensors made once by the loop) sees other padding than `encode_prompt` of those rows gives."""
+    from nsft_ray.algorithms.ppo import prompt_rows, split_images
+
+    processor, images, prompts = tiny["processor"], tiny["images"], tiny["prompts"]
+    tokens, pixels = split_images(encode_prompt(processor, images, prompts))
+    for rows in ([1, 3], [2], [0, 1, 2, 3]):
+        alone = encode_prompt(processor, [images[i] for i in rows], [prompts[i] for i in rows])
+        got = prompt_rows(tokens, pixels, torch.tensor(rows))
+        assert got.keys() == alone.keys()
+        for k in alone:
+            torch.testing.assert_close(got[k], alone[k], rtol=0, atol=0)
 
 
 def test_sample_responses_greedy_is_deterministic_and_stops_after_eos(tiny):
@@ -224,9 +241,9 @@ def test_first_update_has_ratio_one_and_the_surrogate_improves(tiny):
     optim = OptimConfig(lr=1e-3, schedule="constant", warmup_ratio=0.0)
     optimizer = make_optimizer(model, optim)
     calls = []
-    out = ppo_update(model, optimizer, make_scheduler(optimizer, optim, 4), exp,
-                     lambda m, e: actor_loss(m, e, cfg), epochs=2, mini_batch_size=2,
-                     max_grad_norm=1.0, seed=0, reduce_grads=lambda m: calls.append(1))
+    engine = TorchEngine(model, optimizer, make_scheduler(optimizer, optim, 4), 1.0)
+    out = ppo_update(engine, exp, lambda m, e: actor_loss(m, e, cfg), epochs=2,
+                     mini_batch_size=2, seed=0, reduce_grads=lambda m: calls.append(1))
     assert len(calls) == 4 and state_digest(model) != before  # 2 epochs x 2 mini-batches
     assert {"policy_loss", "clip_fraction", "approx_kl", "entropy", "grad_norm"} <= set(out)
     with torch.no_grad():
@@ -235,9 +252,8 @@ def test_first_update_has_ratio_one_and_the_surrogate_improves(tiny):
     gain = masked_mean(exp.advantages * torch.exp(new - exp.old_logps), mask)
     assert gain > masked_mean(exp.advantages, mask) + 1e-4
     with pytest.raises(ValueError, match="mini-batches of 3"):
-        ppo_update(model, optimizer, make_scheduler(optimizer, optim, 4), exp,
-                   lambda m, e: actor_loss(m, e, cfg), epochs=1, mini_batch_size=3,
-                   max_grad_norm=1.0, seed=0)
+        ppo_update(engine, exp, lambda m, e: actor_loss(m, e, cfg), epochs=1,
+                   mini_batch_size=3, seed=0)
 
 
 def test_kl_as_a_loss_term_and_the_critic_loss(tiny):
@@ -262,8 +278,8 @@ def test_kl_as_a_loss_term_and_the_critic_loss(tiny):
 
 
 def test_prompt_loading_quarantines_bad_rows_and_config_checks_name_the_key(tiny, tmp_path):
+    from nsft_ray.algorithms.ppo import check_ppo_config, load_prompts
     from nsft_ray.config import load_config
-    from nsft_ray.ray_glue.ppo import check_ppo_config, load_prompts
     from nsft_ray.schema import preference_table
 
     good = dict(tiny["rows"][0])
@@ -286,3 +302,108 @@ def test_prompt_loading_quarantines_bad_rows_and_config_checks_name_the_key(tiny
     with pytest.raises(ValueError, match="ppo.roles.critic.num_actors=3"):
         check_ppo_config(load_config(None, [*base, "ppo.reward=rules", "ppo.mini_batch_size=2",
                                             "ppo.roles.critic.num_actors=3"]))
+
+
+# ------------------------------------------------------------------------- the recipe in-process
+
+
+def _ppo_overrides(tiny, run_dir, reward_model, *more: str) -> list[str]:
+    return [f"run.dir={run_dir}", f"model.name_or_path={tiny['path']}",
+            f"train.data=[{tiny['data']}]", f"ppo.reward_model={reward_model}",
+            "ppo.rollout_batch_size=4", "ppo.mini_batch_size=2", "ppo.max_new_tokens=6",
+            "ppo.kl_estimator=k3", "optim.lr=3e-3", "optim.schedule=constant",
+            "optim.warmup_ratio=0.0", *more]
+
+
+@pytest.fixture(scope="module")
+def reward_model(tiny, tmp_path_factory):
+    """Stand-in for the reward-model trainer's output: a fresh value head on the tiny backbone."""
+    from nsft_ray.models import save_value_model
+
+    torch.manual_seed(0)
+    return save_value_model(VLMWithValueHead(load_vlm(tiny["path"])[0]),
+                            tmp_path_factory.mktemp("rm") / "rm", tiny["processor"])
+
+
+def test_ppo_runs_in_one_process_with_ray_blocked(tiny, reward_model, tmp_path):
+    """Two iterations of the whole recipe in one process where `import ray` fails.
+
+    Fails if the recipe needs Ray; if the actor does not learn or the reference does (weight
+    digests); if the KL term is always zero (k3 is 0 exactly where actor == reference, i.e. at
+    iteration 1 only, then > 0 once the actor moved); if the exported model is not the trained
+    actor; or if resuming from iteration 1's checkpoint does not end where the uninterrupted run
+    ended (the loop.TorchEngine states of actor and critic).
+    """
+    from conftest import run_with_ray_blocked
+
+    from nsft_ray.algorithms.ppo import train_ppo_in_process
+    from nsft_ray.config import load_config
+
+    run = tmp_path / "run"
+    overrides = _ppo_overrides(tiny, run, reward_model, "ppo.iterations=2",
+                               "ppo.checkpoint_every=1")
+    out = run_with_ray_blocked(
+        "from nsft_ray.config import load_config\n"
+        "from nsft_ray.algorithms.ppo import train_ppo_in_process\n"
+        f"train_ppo_in_process(load_config(None, {overrides!r}))\n")
+    assert out.returncode == 0, out.stderr[-3000:]
+    summary = json.loads((run / "summary.json").read_text())
+    lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in lines] == [1, 2] and summary["samples"] == 8
+    assert lines[0]["ppo/kl"] == 0.0 and all(m["ppo/kl"] > 0 for m in lines[1:])
+    d = summary["digests"]
+    initial = state_digest(load_vlm(tiny["path"])[0])
+    assert d["reference_start"] == d["reference_end"] == d["actor_start"] == [initial]
+    assert d["actor_end"] != [initial]
+    assert [state_digest(load_vlm(summary["model"])[0])] == d["actor_end"]
+    assert "ppo/sync_greedy_match" not in lines[0]  # no engine copy in-process: nothing to sync
+
+    shutil.rmtree(run / "checkpoints" / "iter_000002")  # as if it died during iteration 2
+    shutil.rmtree(run / "model")
+    resumed = train_ppo_in_process(load_config(None, overrides))
+    assert resumed["resumed_from_iteration"] == 1 and resumed["samples"] == 4
+    assert resumed["digests"]["actor_end"] == d["actor_end"]
+    assert [json.loads(x)["step"] for x in (run / "metrics.jsonl").read_text().splitlines()
+            ] == [1, 2]
+
+
+def test_rollout_scores_are_the_reward_models_score_of_each_answer_alone(
+        tiny, reward_model, tmp_path):
+    """One iteration through InProcessRoles; each rollout's score recomputed on its own
+    (prompt encoded alone, no padding at all, the reward model's full forward read at the
+    answer's last token). Fails if scores are read at a padding position or rows are mismatched
+    between the prompts, the responses and the scores."""
+    from nsft_ray.algorithms.ppo import InProcessRoles, load_prompts, ppo_iteration
+    from nsft_ray.config import load_config
+    from nsft_ray.models import load_value_model
+
+    seen = {}
+
+    class Recording(InProcessRoles):
+        def generate(self, prompts, seed):
+            seen["rows"] = prompts.rows
+            responses = super().generate(prompts, seed)
+            responses[1] = responses[1][:2]  # uneven lengths: right padding must not matter
+            return responses
+
+        def reward_scores(self, seq, images, texts, metas):
+            seen["seq"], seen["scores"] = seq, super().reward_scores(seq, images, texts, metas)
+            return seen["scores"]
+
+    cfg = load_config(None, _ppo_overrides(tiny, tmp_path / "run", reward_model))
+    roles = Recording(cfg)
+    rows, _ = load_prompts(cfg)
+    line = ppo_iteration(0, roles, rows, tiny["processor"], cfg.ppo, cfg.run.seed)
+    seq, scores = seen["seq"], seen["scores"]
+    p = seq.prompt_len
+    assert not seq.inputs["attention_mask"].all()  # left- and right-padded rows
+    rm, processor = load_value_model(reward_model)
+    for i, row in enumerate(seen["rows"]):
+        alone = encode_prompt(processor, [decode_image(row["image"])], [row["prompt"]])
+        answer = seq.inputs["input_ids"][i, p:][seq.action_mask[i]]
+        alone["input_ids"] = torch.cat([alone["input_ids"], answer[None]], dim=1)
+        alone["attention_mask"] = torch.ones_like(alone["input_ids"])
+        with torch.no_grad():
+            expected = rm(alone)[0, -1]
+        torch.testing.assert_close(scores[i], expected, atol=1e-5, rtol=1e-5)
+    assert line["ppo/score"] == pytest.approx(float(scores.mean()))

