@@ -304,9 +304,10 @@ def trainer_roles(algo: str, cfg: Config, shape: ModelShape) -> dict[str, RolePl
 
 
 def ppo_roles(cfg: Config, shape: ModelShape) -> dict[str, RolePlan]:
-    """PPO's roles (ray_glue/ppo_roles.py): plain torch AdamW in model.dtype, no ZeRO; every
-    data-parallel replica holds a whole model. Sequences: prompt (train.max_length, image tokens
-    included) + ppo.max_new_tokens; log-prob passes keep logits for the response only."""
+    """PPO's roles (algorithms/ppo.py; their Ray actors in ray_glue/ppo.py): plain torch AdamW in
+    model.dtype, no ZeRO; every data-parallel replica holds a whole model. Sequences: prompt
+    (train.max_length, image tokens included) + ppo.max_new_tokens; log-prob passes keep logits
+    for the response only."""
     ppo, roles = cfg.ppo, cfg.ppo.roles
     p = DTYPE_BYTES[cfg.model.dtype]
     seq_len, resp = cfg.train.max_length + ppo.max_new_tokens, ppo.max_new_tokens + 1
