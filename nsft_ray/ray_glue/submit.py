@@ -36,7 +36,7 @@ async def _tail(client: JobSubmissionClient, job_id: str) -> None:
 
 
 def _submit_with_retry(client: JobSubmissionClient, entrypoint: str, runtime_env: dict,
-                       wait_s: float = 120.0) -> str:
+                       wait_s: float = 300.0) -> str:
     """Submit; while a just-started head has no job agent yet, retry for up to `wait_s`."""
     deadline = time.monotonic() + wait_s
     while True:
