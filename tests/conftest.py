@@ -6,7 +6,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 # Ray Train collects a worker's report only when its controller polls (2 s by default) and the
-# worker blocks until then; the tests log every step (see nsft_ray.ray_glue.train.ensure_ray).
+# worker blocks until then; the tests log every step (see nsft_ray.ray_glue.runtime.ensure_ray).
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
 
 
