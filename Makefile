@@ -30,7 +30,7 @@ demo: install
 	$(VENV)/bin/nsft-ray demo --out runs/demo
 
 test: install
-	$(PY) -m pytest -q -m "not gpu" -p no:cacheprovider
+	$(PY) -m pytest -q -m "not gpu" -p no:cacheprovider --durations=30
 
 lint: install
 	$(VENV)/bin/ruff check nsft_ray jobs serve tests benchmarks

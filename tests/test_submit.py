@@ -32,6 +32,13 @@ def _free_port() -> int:
 @pytest.fixture()
 def head():
     port, dash = _free_port(), _free_port()
+    # Every port the head's agents listen on is a free one: the session's embedded Ray (conftest)
+    # already holds the defaults (the dashboard agent's 52365), and a second agent that cannot bind
+    # it never registers, so every submit is refused with "No available agent".
+    agent_ports = [f"--dashboard-agent-listen-port={_free_port()}",
+                   f"--dashboard-agent-grpc-port={_free_port()}",
+                   f"--runtime-env-agent-port={_free_port()}",
+                   f"--metrics-export-port={_free_port()}"]
     # Ray's unix socket paths must stay short (~107 bytes): not under pytest's long tmp_path.
     temp_dir = tempfile.mkdtemp(prefix="rt", dir="/tmp")
     # Jobs run `python ...` from PATH: put this virtualenv first, as cluster.yaml does on nodes.
@@ -41,7 +48,7 @@ def head():
         [str(BIN / "ray"), "start", "--head", "--block", f"--port={port}",
          "--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1",
          f"--dashboard-port={dash}", "--include-dashboard=true", "--num-cpus=4",
-         f"--temp-dir={temp_dir}"],
+         f"--temp-dir={temp_dir}", *agent_ports],
         env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
     )
     address = f"http://127.0.0.1:{dash}"
@@ -61,7 +68,7 @@ def head():
     yield address, env
     os.killpg(proc.pid, signal.SIGTERM)  # only the processes of the head this test started
     try:
-        proc.wait(timeout=60)
+        proc.wait(timeout=10)
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
     shutil.rmtree(temp_dir, ignore_errors=True)

@@ -43,8 +43,15 @@ def _submit_with_retry(client: JobSubmissionClient, entrypoint: str, runtime_env
         try:
             return client.submit_job(entrypoint=entrypoint, runtime_env=runtime_env)
         except RuntimeError as e:
-            if "No available agent" not in str(e) or time.monotonic() > deadline:
+            if "No available agent" not in str(e):
                 raise
+            if time.monotonic() > deadline:
+                raise RuntimeError(
+                    f"the head at {client.get_address()} has no job agent after {wait_s:.0f} s. "
+                    "Its dashboard agent did not start: see dashboard_agent.log in the head's "
+                    "Ray logs; a common cause is another Ray instance on that machine holding the "
+                    "agent's port (52365 unless `ray start --dashboard-agent-listen-port` says "
+                    "otherwise)") from e
             time.sleep(2.0)
 
 
