@@ -227,6 +227,15 @@ class TrainConfig:
     # the next epoch: for multi-epoch runs on small data (the demo's grounding stage: 12 epochs).
     # Identical batches; memory grows with the distinct rows and images seen.
     cache_encoded: bool = False
+    # With model.freeze: [vision, connector], compute each image's features (vision tower +
+    # connector) once and reuse them for every conversation and epoch that shows the image:
+    # exact (nothing that makes them is trained). Ignored when either part is trained. Memory:
+    # one (image tokens, hidden) tensor per distinct image on the training device. sft/nsft/dpo.
+    cache_image_features: bool = True
+    # Padding-free packing (sft, nsft): several conversations per row, up to this many tokens;
+    # attention stays within each conversation (position_ids restart at 0). 0: off, one
+    # right-padded conversation per row. At least max_length.
+    pack_tokens: int = 0
     log_every: int = 10  # optimizer steps between metric reports
     checkpoint_every: int = 0  # optimizer steps between checkpoints; 0: only at the end
     num_to_keep: int = 2
@@ -243,6 +252,11 @@ class TrainConfig:
     # for the validation pass and the per-worker split). Needed for a resumed run to skip exactly
     # the micro-batches it already trained on; false may stream a little faster on big clusters.
     preserve_order: bool = True
+
+    def __post_init__(self) -> None:
+        if self.pack_tokens and self.pack_tokens < self.max_length:
+            raise ConfigError(f"train.pack_tokens={self.pack_tokens}: expected 0 (off) or at "
+                              f"least train.max_length={self.max_length}")
 
 
 @dataclass(frozen=True)
@@ -383,6 +397,10 @@ class DPOConfig:
     # holds only the policy (one model resident instead of two).
     precompute_ref: bool = False
     precompute_batch_size: int = 16  # pairs per reference forward in that pass
+    # True: the image, prompt and the answers' common opening run once per pair, and the chosen
+    # and rejected continuations attend to that KV cache (exact; needs right-padded rows and a
+    # text model with 1-D position ids, as Idefics3 / Llama). False: one forward over 2B rows.
+    shared_prefix: bool = True
 
 
 @dataclass(frozen=True)

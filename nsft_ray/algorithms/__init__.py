@@ -26,7 +26,7 @@ from nsft_ray.config import Config
 from nsft_ray.loop import Objective
 
 __all__ = ["ALGORITHMS", "AlgorithmSpec", "conversation_collate", "frozen", "frozen_copy",
-           "load_policy", "preference_collate", "save_policy"]
+           "image_features_cached", "load_policy", "preference_collate", "save_policy"]
 
 
 def frozen(model: nn.Module) -> nn.Module:
@@ -75,14 +75,35 @@ def preference_collate(processor: Any, cfg: Config) -> Callable[[dict], dict]:
     return PreferenceCollator(processor, cfg.train.max_length)
 
 
+def image_features_cached(cfg: Config) -> bool:
+    """train.cache_image_features applies: the parts that make image features are frozen."""
+    return cfg.train.cache_image_features and {"vision", "connector"} <= set(cfg.model.freeze)
+
+
+def _cached(cfg: Config, model: nn.Module, objective: Objective) -> Objective:
+    """`objective`, fed each image's features computed once when nothing that makes them trains.
+
+    A frozen reference (dpo, nsft's KL) is a copy of the same frozen tower, so it is fed the same
+    features."""
+    if not image_features_cached(cfg):
+        return objective
+    from nsft_ray.image_features import ImageFeatureCache, with_cached_image_features
+
+    return with_cached_image_features(objective, ImageFeatureCache(model))
+
+
+def _sft(cfg: Config, model: nn.Module, device: torch.device) -> Objective:
+    return _cached(cfg, model, sft_objective())
+
+
 def _dpo(cfg: Config, model: nn.Module, device: torch.device) -> Objective:
     reference = None if cfg.dpo.precompute_ref else frozen_copy(model).to(device)
-    return dpo_objective(cfg.dpo, reference)
+    return _cached(cfg, model, dpo_objective(cfg.dpo, reference))
 
 
 def _nsft(cfg: Config, model: nn.Module, device: torch.device) -> Objective:
     reference = frozen_copy(model).to(device) if cfg.nsft.kl_coef > 0 else None
-    return nsft_objective(cfg.nsft, reference)
+    return _cached(cfg, model, nsft_objective(cfg.nsft, reference))
 
 
 @dataclass(frozen=True)
@@ -99,7 +120,7 @@ class AlgorithmSpec:
 
 ALGORITHMS: dict[str, AlgorithmSpec] = {
     "sft": AlgorithmSpec(
-        objective=lambda cfg, model, device: sft_objective(),
+        objective=_sft,
         models_resident=lambda cfg: 1,
         origins=lambda cfg: ("sft", "chosen"),
     ),

@@ -10,6 +10,8 @@ paper's *continual SFT* baseline on the chosen answers of the preference data.
 
 from __future__ import annotations
 
+from typing import Any
+
 from torch import Tensor, nn
 
 from nsft_ray.logprobs import num_target_tokens
@@ -20,12 +22,25 @@ __all__ = ["MODELS_RESIDENT", "model_inputs", "sft_objective"]
 
 MODELS_RESIDENT = 1
 # Batch keys that describe the rows rather than feed the model.
-NON_MODEL_KEYS = frozenset({"labels", "is_negative", "origin"})
+NON_MODEL_KEYS = frozenset({"labels", "is_negative", "origin", "sequence_ids"})
 
 
-def model_inputs(batch: Batch) -> dict[str, Tensor]:
-    """The tensors the VLM's forward takes (input_ids, attention_mask, pixel_values, ...)."""
-    return {k: v for k, v in batch.items() if k not in NON_MODEL_KEYS and isinstance(v, Tensor)}
+def model_inputs(batch: Batch) -> dict[str, Any]:
+    """The arguments of the VLM's forward (input_ids, attention_mask, pixel_values, ...).
+
+    A packed batch (it has position_ids, see collate.pack) goes without its attention_mask:
+    transformers' masking_utils finds the sequence boundaries from position_ids restarting at 0
+    only when the 2D mask is None and there is no KV cache. Cached image features
+    (image_features.ImageFeatureCache) arrive as `mm_encoder_outputs` instead of pixels.
+    """
+    inputs: dict[str, Any] = {k: v for k, v in batch.items()
+                              if k not in NON_MODEL_KEYS and isinstance(v, Tensor)}
+    if "position_ids" in inputs:
+        inputs.pop("attention_mask", None)
+        inputs["use_cache"] = False
+    if "mm_encoder_outputs" in batch:
+        inputs["mm_encoder_outputs"] = batch["mm_encoder_outputs"]
+    return inputs
 
 
 def _token_nll_sum(model: nn.Module, batch: Batch) -> dict[str, Tensor]:
