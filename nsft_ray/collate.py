@@ -30,6 +30,7 @@ from nsft_ray.schema import ROLES
 __all__ = [
     "IGNORE_INDEX",
     "Collator",
+    "pack",
     "pad_values",
     "decode_image",
     "encode_conversation",
@@ -187,9 +188,11 @@ class Collator:
     (pixel_values, and pixel_attention_mask for Idefics3), zero-padded to a common shape.
     """
 
-    def __init__(self, processor: ProcessorMixin, max_length: int, cache: bool = False):
+    def __init__(self, processor: ProcessorMixin, max_length: int, cache: bool = False,
+                 pack_tokens: int = 0):
         self.processor = processor
         self.max_length = max_length
+        self.pack_tokens = pack_tokens  # > 0: padding-free rows (see `pack`), train.pack_tokens
         self.pad_values = pad_values(processor)
         # cache=True keeps every encoded conversation for the next epoch (train.cache_encoded):
         # the chat template, tokenizer and image processor are about a third of a tiny model's
@@ -213,6 +216,8 @@ class Collator:
                 raise ValueError(f"row {row.get('id', i)!r}: {e}") from e
         if not examples:
             raise ValueError("empty batch: expected at least one conversation row")
+        if self.pack_tokens:
+            return pack(examples, self.pack_tokens, self.pad_values)
         return {k: _pad_stack([ex[k] for ex in examples], self.pad_values.get(k, 0))
                 for k in examples[0]}
 
@@ -231,6 +236,56 @@ class Collator:
                 image_key, {k: v for k, v in example.items() if k not in TEXT_KEYS})
             self._conversations[key] = {**text, **vision}
         return self._conversations[key]
+
+
+def pack(examples: Sequence[Mapping[str, Tensor]], pack_tokens: int,
+         pad: Mapping[str, int]) -> dict[str, Tensor]:
+    """Encoded conversations -> padding-free rows of up to `pack_tokens` tokens each.
+
+    Conversations keep their order and fill rows one after another (a conversation longer than
+    the budget gets a row of its own). Returns input_ids, labels, attention_mask (1 on tokens,
+    0 on the row's tail padding; for token counts only, see sft.model_inputs), position_ids
+    (R, T), restarting at 0 with each conversation, which is how transformers' masking_utils
+    keeps attention within it, and sequence_ids (R, T): the index of each token's conversation
+    in `examples`, -1 on padding. The tail padding starts a sequence of its own, so no real
+    token attends to it. Vision tensors stay one entry per conversation, (B, ...) as unpacked:
+    the model scatters image features into image tokens in row-major order, which packing in
+    order preserves.
+    """
+    rows: list[list[int]] = []
+    used = pack_tokens
+    for i, ex in enumerate(examples):
+        n = len(ex["input_ids"])
+        if used + n > pack_tokens:
+            rows.append([])
+            used = 0
+        rows[-1].append(i)
+        used += n
+    T = max(sum(len(examples[i]["input_ids"]) for i in row) for row in rows)
+    keys = ("input_ids", "labels", "attention_mask", "position_ids", "sequence_ids")
+    out: dict[str, list[Tensor]] = {k: [] for k in keys}
+    for row in rows:
+        parts: dict[str, list[Tensor]] = {k: [] for k in keys}
+        for i in row:
+            ex = examples[i]
+            n = len(ex["input_ids"])
+            labels = ex["labels"].clone()  # the cached example is shared: never edit it
+            labels[0] = IGNORE_INDEX  # no conversation's first token is predicted from another's
+            for k, v in (("input_ids", ex["input_ids"]), ("labels", labels),
+                         ("attention_mask", ex["attention_mask"]),
+                         ("position_ids", torch.arange(n)), ("sequence_ids", torch.full((n,), i))):
+                parts[k].append(v)
+        tail = T - sum(len(p) for p in parts["input_ids"])
+        fill = {**pad, "position_ids": None, "sequence_ids": -1}
+        for k in keys:
+            parts[k].append(torch.arange(tail) if k == "position_ids"
+                            else torch.full((tail,), fill[k], dtype=torch.long))
+            out[k].append(torch.cat(parts[k]).long())
+    packed = {k: torch.stack(v) for k, v in out.items()}
+    for k in examples[0]:
+        if k not in TEXT_KEYS:
+            packed[k] = _pad_stack([ex[k] for ex in examples], pad.get(k, 0))
+    return packed
 
 
 def _pad_stack(tensors: list[Tensor], value: int) -> Tensor:

@@ -302,6 +302,9 @@ def _accumulate(acc: dict[str, float], new: dict[str, float]) -> None:
 
 
 def _batch_size(batch: Batch) -> int:
+    """Samples in a micro-batch: rows, or the conversations packed into them (sequence_ids)."""
+    if "sequence_ids" in batch:
+        return int(batch["sequence_ids"].max()) + 1
     return int(next(v for v in batch.values() if isinstance(v, Tensor)).shape[0])
 
 

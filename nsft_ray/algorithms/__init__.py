@@ -55,14 +55,20 @@ def save_policy(module: nn.Module, processor: Any, out: Path, state_dict: dict |
 
 
 def conversation_collate(processor: Any, cfg: Config) -> Callable[[dict], dict]:
-    """Conversation rows -> padded tensors with assistant-only labels and an `is_negative` flag."""
+    """Conversation rows -> padded (or packed: train.pack_tokens) tensors with assistant-only
+    labels and an `is_negative` flag per row (B,), or per token (R, T) when packed."""
     from nsft_ray.collate import Collator
 
-    collator = Collator(processor, cfg.train.max_length, cache=cfg.train.cache_encoded)
+    collator = Collator(processor, cfg.train.max_length, cache=cfg.train.cache_encoded,
+                        pack_tokens=cfg.train.pack_tokens)
 
     def collate(batch: dict) -> dict:
         out = collator(batch)
-        out["is_negative"] = torch.tensor([o == "negative" for o in batch["origin"]])
+        negative = torch.tensor([o == "negative" for o in batch["origin"]])  # (B,)
+        if "sequence_ids" in out:  # packed rows: flag each token by its conversation
+            ids = out["sequence_ids"]  # (R, T), -1 on padding
+            negative = negative[ids.clamp(min=0)] & (ids >= 0)
+        out["is_negative"] = negative
         return out
 
     return collate

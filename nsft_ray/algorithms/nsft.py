@@ -31,7 +31,9 @@ def models_resident(cfg: NSFTConfig) -> int:
 def _term_masks(batch: Batch) -> dict[str, Tensor]:
     """(B, T-1) masks of trained tokens, split by conversation origin."""
     mask = target_mask(batch["labels"])
-    negative = batch["is_negative"].bool().unsqueeze(1)
+    negative = batch["is_negative"].bool()
+    # (B,): one flag per row; (R, T): packed rows flag each token, aligned here with its target.
+    negative = negative.unsqueeze(1) if negative.dim() == 1 else negative[:, 1:]
     return {"chosen": mask & ~negative, "negative": mask & negative}
 
 

@@ -1,0 +1,115 @@
+"""train.pack_tokens: padding-free rows of several conversations give the padded batch's losses.
+
+Oracle: the same conversations right-padded one per row (the default collation), through the
+model's forward with an attention mask. Each term's token sum and count, the loss and the
+trainable gradients must agree to 1e-5.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+
+import torch  # noqa: E402
+
+from nsft_ray.algorithms import conversation_collate  # noqa: E402
+from nsft_ray.algorithms.nsft import nsft_objective  # noqa: E402
+from nsft_ray.algorithms.sft import sft_objective  # noqa: E402
+from nsft_ray.config import Config, ConfigError, NSFTConfig, TrainConfig, load_config  # noqa: E402
+from nsft_ray.image_features import ImageFeatureCache, with_cached_image_features  # noqa: E402
+from nsft_ray.loop import _batch_size  # noqa: E402
+from nsft_ray.models import build_tiny_vlm, freeze, load_vlm  # noqa: E402
+from tests.test_image_features import CORPUS, NO, QA, png  # noqa: E402
+
+TWO_TURNS = [*QA, {"role": "user", "content": "How many squares are there?"},
+             {"role": "assistant", "content": "There are two squares."}]
+CONVERSATIONS = [QA, TWO_TURNS, NO, QA, TWO_TURNS]  # unequal lengths: padding would matter
+ORIGINS = ["chosen", "negative", "negative", "chosen", "negative"]
+
+
+def rows() -> dict:
+    colors = ["red", "blue", "green", "red", "yellow"]
+    return {"id": [f"r{i}" for i in range(5)], "image": [png(c) for c in colors],
+            "messages": CONVERSATIONS, "origin": ORIGINS}
+
+
+@pytest.fixture(scope="module", params=["idefics3", "llava"])
+def tiny(request, tmp_path_factory):
+    path = build_tiny_vlm(tmp_path_factory.mktemp(request.param) / "m", CORPUS, arch=request.param)
+    model, processor = load_vlm(path)
+    return model.train(), processor
+
+
+def terms(model, objective, batch):
+    """(per-term sums, per-term counts, loss, trainable grads) of one micro-batch."""
+    model.zero_grad(set_to_none=True)
+    counts = objective.count(batch)
+    sums, _ = objective.forward(model, batch)
+    loss = sum(objective.weights[k] * sums[k] / max(counts[k], 1.0) for k in sums)
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    return ({k: float(v.detach()) for k, v in sums.items()}, counts, float(loss.detach()), grads)
+
+
+def assert_same(a, b):
+    assert a[1] == b[1]  # the token counts of each term
+    # Each term's token mean (a sum of ~60 float32 terms differs in its last bits).
+    means = [{k: s[k] / s_counts[k] for k in s} for s, s_counts in (a[:2], b[:2])]
+    assert means[0] == pytest.approx(means[1], abs=1e-5)
+    assert a[2] == pytest.approx(b[2], abs=1e-5)
+    assert set(a[3]) == set(b[3])
+    for name in a[3]:
+        torch.testing.assert_close(a[3][name], b[3][name], atol=1e-5, rtol=1e-5, msg=name)
+
+
+def collate(processor, pack_tokens: int):
+    cfg = Config(train=TrainConfig(max_length=128, pack_tokens=pack_tokens))
+    return conversation_collate(processor, cfg)(rows())
+
+
+@pytest.mark.parametrize("objective", [sft_objective(), nsft_objective(NSFTConfig(lam=0.7))],
+                         ids=["sft", "nsft"])
+def test_packed_rows_give_the_padded_losses_and_gradients(tiny, objective):
+    """Fails if attention crosses conversations in a row, if images land in another
+    conversation's image tokens, or if nSFT's chosen/negative token masks are not packed with
+    their tokens (each term's sum and count are compared, not only the total)."""
+    model, processor = tiny
+    padded = collate(processor, 0)
+    lengths = padded["attention_mask"].sum(1).tolist()
+    budget = 128 + 64
+    packed = collate(processor, budget)
+    assert packed["input_ids"].shape[0] < len(CONVERSATIONS)  # it did pack
+    assert packed["input_ids"].shape[1] <= budget
+    first = packed["position_ids"][0].tolist()  # restarts where conversation 1 begins
+    assert first[:lengths[0] + 1] == [*range(lengths[0]), 0]
+    assert _batch_size(packed) == len(CONVERSATIONS) and _batch_size(padded) == len(CONVERSATIONS)
+    assert int(packed["attention_mask"].sum()) == int(padded["attention_mask"].sum())
+    expected = terms(model, objective, padded)
+    assert_same(terms(model, objective, packed), expected)
+    # The oracle can tell: without the restart, attention crosses conversations.
+    leaky = {**packed, "position_ids": torch.arange(packed["input_ids"].shape[1]).expand_as(
+        packed["position_ids"]).contiguous()}
+    assert abs(terms(model, objective, leaky)[2] - expected[2]) > 1e-4
+
+
+def test_packing_with_cached_image_features_gives_the_padded_uncached_loss(tiny):
+    """The demo's combination (frozen tower, cached features, packed rows) against the plain
+    padded forward: fails if the cache's image order differs from packed image-token order."""
+    model, processor = tiny
+    freeze(model, ("vision", "connector"))
+    try:
+        objective = nsft_objective(NSFTConfig(lam=0.7))
+        cached = with_cached_image_features(objective, ImageFeatureCache(model))
+        expected = terms(model, objective, collate(processor, 0))
+        assert_same(terms(model, cached, collate(processor, 128 + 64)), expected)
+    finally:
+        for p in model.parameters():
+            p.requires_grad_(True)
+
+
+def test_pack_tokens_below_max_length_is_refused():
+    with pytest.raises(ConfigError, match=r"train.pack_tokens=64: expected 0 .*max_length=128"):
+        load_config(None, ["train.max_length=128", "train.pack_tokens=64"])
