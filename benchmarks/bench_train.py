@@ -1,7 +1,22 @@
 """Training throughput: nsft through nsft-ray's Ray Train path (ZeRO 0 and 2) vs TRL's SFTTrainer.
 
     python benchmarks/bench_train.py --out runs/bench_train.json [--sizes tiny small]
-        [--steps N --warmup N --batch 8 --threads 1 --repeats 1]
+        [--steps N --warmup N --batch 8 --threads 1 --repeats 1 --fast-options]
+    python benchmarks/bench_train.py --quick --out runs/bench_train_quick.json
+
+`--quick` (under 4 minutes on 2 cores): tiny only, `nsft` vs `trl_sft`, 3 interleaved repeats,
+10 timed steps after 2, `--fast-options`; the JSON's top-level `ratios.nsft_vs_trl_sft` is the
+median samples/s of nsft over the median of TRL (each size also has its own `ratios`).
+
+`--fast-options`: both sides train what the demo trains, vision tower and connector frozen
+(`model.freeze: [vision, connector]`; TRL: the same parameters frozen before the trainer builds
+its optimizer, so both update the same weights). nsft then uses what that allows:
+`train.cache_image_features` (each image's features computed once), `train.cache_encoded` (each
+row's chat template + image processor once) and `train.pack_tokens = --max-length`
+(padding-free rows). TRL 1.16 has no equivalent for a vision dataset: it refuses
+`padding_free=True` and packing for one ("not supported for vision datasets") and has no
+encode or feature cache, so it pads each batch and runs the tower every step. FLOPs (and MFU)
+stay those of the plain padded forward + backward for every method, the work both do.
 
 Builds, offline in a temporary folder per model size, a small ShapesWorld, a randomly initialised
 Idefics3 VLM (`tiny` 1.6M or `small` ~36M parameters) and the nSFT conversations of the world's
@@ -81,6 +96,7 @@ import os
 import platform
 import resource
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -112,6 +128,7 @@ DATA_WAIT = {
 }
 # (timed steps, warm-up steps) per size when --steps/--warmup are not given.
 DEFAULT_STEPS = {"tiny": (40, 5), "small": (10, 2)}
+QUICK = {"repeats": 3, "methods": ["nsft", "trl_sft"], "steps": 10, "warmup": 2}
 CONVERSATIONS = "conversations.parquet"
 MATMUL_SIZES = (1024, 1536, 2048)
 POLL_ENV = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
@@ -179,11 +196,18 @@ def _now() -> tuple[float, float]:
     return time.perf_counter(), time.process_time()
 
 
-def _config(assets: Path, args: argparse.Namespace, *overrides: str) -> Any:
-    """The nsft run config every nsft-ray method shares (the Ray methods add their own keys)."""
+FAST_OPTIONS = ("model.freeze=[vision,connector]", "train.cache_image_features=true",
+                "train.cache_encoded=true")
+
+
+def _config(assets: Path, args: argparse.Namespace, *overrides: str, plain: bool = False) -> Any:
+    """The nsft run config every nsft-ray method shares (the Ray methods add their own keys);
+    with --fast-options (and not `plain`) the demo's frozen tower and what it allows."""
     from nsft_ray.config import load_config
 
-    return load_config(None, [
+    fast = [*FAST_OPTIONS, f"train.pack_tokens={args.max_length}"] \
+        if args.fast_options and not plain else []
+    return load_config(None, [*fast,
         f"model.name_or_path={assets / 'model'}", f"run.seed={args.seed}",
         f"train.data=[{assets / CONVERSATIONS}]", f"train.micro_batch_size={args.batch}",
         "train.grad_accum=1", f"train.max_length={args.max_length}",
@@ -226,7 +250,9 @@ def _counts(batch: dict) -> dict[str, int]:
     out = {"trained": int(trained.sum()), "input": int(batch["attention_mask"].sum()),
            "padded_length": int(batch["input_ids"].shape[1])}
     if "is_negative" in batch:
-        out["chosen"] = int((trained & ~batch["is_negative"].bool().unsqueeze(1)).sum())
+        negative = batch["is_negative"].bool()  # (B,) per row, or (R, T) per token when packed
+        negative = negative.unsqueeze(1) if negative.dim() == 1 else negative[:, 1:]
+        out["chosen"] = int((trained & ~negative).sum())
     return out
 
 
@@ -271,12 +297,11 @@ def _summary(args: argparse.Namespace, step_seconds: list[float], cpu_seconds: f
 def _run_nsft(assets: Path, args: argparse.Namespace) -> dict[str, Any]:
     from nsft_ray.algorithms import ALGORITHMS
     from nsft_ray.loop import Hooks, TorchEngine, fit, make_optimizer, make_scheduler
-    from nsft_ray.models import load_vlm
 
     total = args.warmup + args.steps
     cfg = _config(assets, args)
-    model, processor = load_vlm(assets / "model")
     spec = ALGORITHMS["nsft"]
+    model, processor = spec.load(cfg)  # load_vlm + model.freeze, as a training run loads it
     objective = spec.objective(cfg, model, "cpu")
     collate = spec.collate(processor, cfg)
     rows = _rows(assets)
@@ -320,10 +345,12 @@ def _run_trl(assets: Path, args: argparse.Namespace) -> dict[str, Any]:
     from trl import SFTConfig, SFTTrainer
 
     from nsft_ray.collate import decode_image
-    from nsft_ray.models import load_vlm
+    from nsft_ray.models import freeze, load_vlm
 
     total = args.warmup + args.steps
     model, processor = load_vlm(assets / "model")
+    if args.fast_options:  # the same trainable weights as nsft's model.freeze
+        freeze(model, ("vision", "connector"))
     dataset = datasets.Dataset.from_list(
         [{"images": [decode_image(r["image"])], "messages": r["messages"]} for r in _rows(assets)])
     config = SFTConfig(
@@ -332,7 +359,8 @@ def _run_trl(assets: Path, args: argparse.Namespace) -> dict[str, Any]:
         weight_decay=0.0, max_grad_norm=1.0, adam_beta1=0.9, adam_beta2=0.999, adam_epsilon=1e-8,
         # Fair on CPU: TRL's defaults (bf16 autocast, gradient checkpointing) are ~5x slower here.
         bf16=False, fp16=False, gradient_checkpointing=False, use_cpu=True,
-        assistant_only_loss=True, max_length=args.max_length, packing=False,
+        # packing / padding_free: TRL 1.16 refuses both for vision datasets.
+        assistant_only_loss=True, max_length=args.max_length, packing=False, padding_free=False,
         train_sampling_strategy="sequential", dataloader_drop_last=True, dataloader_num_workers=0,
         logging_steps=1, save_strategy="no", report_to=[], disable_tqdm=True, seed=args.seed,
     )
@@ -618,7 +646,7 @@ def _count_flops(assets: Path, args: argparse.Namespace) -> dict[str, Any]:
     from nsft_ray.models import load_vlm
 
     limit = matmul_flops_per_s()
-    cfg = _config(assets, args)
+    cfg = _config(assets, args, plain=True)  # every method's work: the padded, uncached step
     model, processor = load_vlm(assets / "model")
     model.train()
     objective = ALGORITHMS["nsft"].objective(cfg, model, "cpu")
@@ -673,7 +701,8 @@ def run_one(method: str, assets: Path, args: argparse.Namespace) -> dict[str, An
 def _shared_flags(args: argparse.Namespace) -> list[str]:
     return ["--steps", str(args.steps), "--warmup", str(args.warmup), "--batch", str(args.batch),
             "--max-length", str(args.max_length), "--lr", str(args.lr), "--seed", str(args.seed),
-            "--threads", str(args.threads), "--ray-poll-s", str(args.ray_poll_s)]
+            "--threads", str(args.threads), "--ray-poll-s", str(args.ray_poll_s),
+            *(["--fast-options"] if args.fast_options else [])]
 
 
 def measure(method: str, assets: Path, args: argparse.Namespace) -> dict[str, Any]:
@@ -715,7 +744,16 @@ def _bench_size(root: Path, args: argparse.Namespace) -> dict[str, Any]:
             runs[m].append(measure(m, assets, args))
     results = {m: _best(rs) for m, rs in runs.items()}
     return {"settings": {"size": args.size, "steps": args.steps, "warmup": args.warmup},
-            "data": data, "flops": flops, "results": results, "checks": _checks(results)}
+            "data": data, "flops": flops, "results": results, "checks": _checks(results),
+            "ratios": _ratios(results)}
+
+
+def _ratios(results: dict[str, dict[str, Any]]) -> dict[str, float]:
+    """nsft's samples/s over TRL's, each the median of its interleaved runs."""
+    if "nsft" not in results or "trl_sft" not in results:
+        return {}
+    return {"nsft_vs_trl_sft": results["nsft"]["median_samples_per_s"]
+            / results["trl_sft"]["median_samples_per_s"]}
 
 
 def _checks(results: dict[str, dict[str, Any]]) -> dict[str, Any]:
@@ -772,8 +810,11 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
         "settings": {"batch": args.batch, "max_length": args.max_length, "lr": args.lr,
                      "seed": args.seed, "threads": args.threads, "repeats": args.repeats,
                      "images": args.images, "methods": list(args.methods),
+                     "fast_options": args.fast_options, "quick": args.quick,
                      "ray_train_poll_s": args.ray_poll_s},
         "machine": machine, "sizes": sizes,
+        # The first size's ratios (--quick: the only one); every size has its own under sizes.
+        "ratios": sizes[args.sizes[0]]["ratios"],
     }
 
 
@@ -785,6 +826,8 @@ def _best(runs: list[dict[str, Any]]) -> dict[str, Any]:
             "data_wait_fraction", "load_average_1min")
     best["runs"] = [{k: r[k] for k in keep} for r in runs]
     best["peak_rss_mib"] = max(r["peak_rss_mib"] for r in runs)
+    # The ratios use the median: fairer than the best when only some runs are disturbed.
+    best["median_samples_per_s"] = statistics.median(r["samples_per_s"] for r in runs)
     return best
 
 
@@ -850,6 +893,11 @@ def markdown_table(report: dict[str, Any], size: str) -> str:
     checks += [f"{k.removesuffix('_abs_diff').replace('_', ' ')}: {v:.1e}" for k, v in c.items()
                if k.endswith("_abs_diff")]
     lines.append("Checks: per-step " + "; ".join(checks) + ".")
+    if s.get("ratios"):
+        lines.append("Ratios (median samples/s over the interleaved runs): " + ", ".join(
+            f"{k} {v:.2f}" for k, v in s["ratios"].items()) + (
+            "; --fast-options (frozen tower; nsft: cached features and encodings, packed rows)"
+            if st.get("fast_options") else "") + ".")
     return "\n".join(lines)
 
 
@@ -870,9 +918,16 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     # 1 by default: on a shared 2-core machine, 2 OpenMP threads contend with other jobs and
     # steps became 10-30x slower and erratic; one thread per process gives stable numbers.
     p.add_argument("--threads", type=int, default=1, help="torch threads per method process")
-    p.add_argument("--repeats", type=int, default=1,
-                   help="fresh processes per method, interleaved; the fastest is reported")
-    p.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
+    p.add_argument("--repeats", type=int,
+                   help="fresh processes per method, interleaved; the fastest is reported, "
+                        "the ratios use the median (default 1; --quick: 3)")
+    p.add_argument("--methods", nargs="+", choices=METHODS)
+    p.add_argument("--fast-options", action="store_true",
+                   help="freeze vision + connector for every method; nsft also caches image "
+                        "features and encodings and packs rows (see the module docstring)")
+    p.add_argument("--quick", action="store_true",
+                   help="tiny, nsft vs trl_sft, 3 repeats, 10 steps after 2, --fast-options; "
+                        "explicit flags still win")
     p.add_argument("--ray-poll-s", type=float, default=0.05,
                    help=f"{POLL_ENV} for the Ray methods (Ray's default: 2.0; see _run_ray)")
     # Internal: one method in this process (the parent starts a fresh process per method).
@@ -880,6 +935,14 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--assets", type=Path, help=argparse.SUPPRESS)
     p.add_argument("--result", type=Path, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    quick = QUICK if args.quick else {}
+    for name, default in (("repeats", 1), ("methods", list(METHODS))):
+        if getattr(args, name) is None:
+            setattr(args, name, quick.get(name, default))
+    if args.quick:
+        args.fast_options = True
+        args.steps = QUICK["steps"] if args.steps is None else args.steps
+        args.warmup = QUICK["warmup"] if args.warmup is None else args.warmup
     for name, low in (("steps", 1), ("warmup", 0), ("batch", 1), ("threads", 1), ("repeats", 1)):
         value = getattr(args, name)
         if value is not None and value < low:

@@ -5,7 +5,8 @@ embeddings ever changes, so the features of an image are the same at every step,
 conversation that shows it. :class:`ImageFeatureCache` computes them once per image, keyed by a
 hash of the exact pixel tensors the model would see, and passes them through transformers' own
 `mm_encoder_outputs` argument (Idefics3, LLaVA), which skips the vision tower and the connector.
-Exact: the loss and every trainable gradient equal the uncached forward's (tests/test_image_features).
+Exact: the loss and every trainable gradient equal the uncached forward's
+(tests/test_image_features.py).
 
     objective = with_cached_image_features(objective, ImageFeatureCache(model))
 

@@ -103,6 +103,35 @@ def test_bench_train_runs_every_method(tmp_path):
     nsft = res["nsft"]  # lam = 1: the logged loss is the sum of its two token means
     assert nsft["final_loss"] == pytest.approx(nsft["chosen_losses"][-1]
                                                + nsft["negative_losses"][-1])
+    ratio = nsft["median_samples_per_s"] / res["trl_sft"]["median_samples_per_s"]
+    assert report["ratios"] == size["ratios"] == {"nsft_vs_trl_sft": pytest.approx(ratio)}
+    assert ratio > 0
+
+
+@pytest.mark.slow
+def test_bench_train_quick_compares_fast_nsft_with_trl(tmp_path):
+    """--quick's path with tiny steps: fails if the fast options (frozen tower, cached features
+    and encodings, packed rows) change what nsft trains (TRL's first loss, the trained tokens) or
+    if the top-level ratios are missing."""
+    out = tmp_path / "quick.json"
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "bench_train.py"), "--quick", "--out", str(out),
+         "--steps", "1", "--warmup", "1", "--repeats", "1", "--batch", str(BATCH),
+         "--images", "4"],
+        cwd=ROOT, capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    report = json.loads(out.read_text())
+    assert report["settings"]["fast_options"] and report["settings"]["quick"]
+    res = report["sizes"]["tiny"]["results"]
+    assert list(res) == ["nsft", "trl_sft"]
+    assert report["ratios"]["nsft_vs_trl_sft"] > 0
+    checks = report["sizes"]["tiny"]["checks"]
+    assert checks["trained_tokens_match"] and checks["input_tokens_match"]
+    assert checks["trl_first_loss_vs_nsft_token_mean_abs_diff"] < 1e-4
+    # Packed rows: nsft's rows are fewer and longer than TRL's padded ones, never more tokens.
+    assert all(p <= 256 for p in res["nsft"]["padded_length_per_step"])
+    assert "Ratios (median samples/s" in proc.stdout
 
 
 def test_markdown_table_formats_a_report():

@@ -1,4 +1,4 @@
-"""train.cache_image_features: a frozen vision tower + connector's features, computed once per image.
+"""train.cache_image_features: a frozen tower + connector's features, computed once per image.
 
 Oracle: the same objective through the model's own forward on pixels (no cache), on the same
 weights. Losses and every trainable gradient must agree to 1e-5.
@@ -97,7 +97,8 @@ def test_cache_never_returns_another_images_features(tiny):
     red, blue = collate(rows(["red", "red"])), collate(rows(["blue", "blue"]))
     objective = nsft_objective(NSFTConfig())
     cached = with_cached_image_features(objective, ImageFeatureCache(model))
-    loss_red, loss_blue = loss_and_grads(model, objective, red), loss_and_grads(model, objective, blue)
+    loss_red = loss_and_grads(model, objective, red)
+    loss_blue = loss_and_grads(model, objective, blue)
     assert abs(loss_red[0] - loss_blue[0]) > 1e-4  # the two images are distinguishable at all
     assert_same(loss_and_grads(model, cached, red), loss_red)
     assert_same(loss_and_grads(model, cached, blue), loss_blue)
