@@ -1,23 +1,35 @@
 """DPO throughput and memory: ours (live reference, precomputed reference) against TRL's DPOTrainer.
 
-    .venv/bin/python benchmarks/bench_dpo.py --steps 30 --batch 8 --out runs/bench/dpo.json
+    .venv/bin/python benchmarks/bench_dpo.py --quick --out runs/bench/dpo_quick.json
+    .venv/bin/python benchmarks/bench_dpo.py --steps 30 --batch 8 --repeats 3
 
-Same tiny Idefics3 VLM, same ShapesWorld pairs, same batch (pairs per step), beta, learning rate
-(constant, AdamW, clipping at 1.0) and max_length. Each method runs in its own subprocess, so the
-peak RSS is that method's alone. Ours runs in-process with `loop.fit` + `TorchEngine` (no Ray,
-no DeepSpeed), collating images on the fly like TRL's collator. The precomputed path runs the
-reference pass in a separate process first (as the Ray Data actor does) and trains with one model.
-TRL runs as ENVIRONMENT.md says is fair on CPU: bf16/fp16 off, gradient checkpointing off, an
-explicit ref_model. samples/s = pairs per second over the steps after `--warmup`; with
-`--repeats` the methods run round-robin and the table shows the median run (JSON: all). Every method
-runs with `--threads` torch threads (default 1: on a shared 2-core machine two OpenMP threads per
-process ran 10x slower than one); the JSON records the load average around the run.
+Same tiny Idefics3 VLM, same ShapesWorld pairs in the same order (TRL with
+train_sampling_strategy="sequential", ours unshuffled), same batch (pairs per step), beta, learning
+rate (constant, AdamW, clipping at 1.0) and max_length. Each method runs in its own subprocess, so
+the peak RSS is that method's alone. Ours runs in-process with `loop.fit` + `TorchEngine` (no Ray,
+no DeepSpeed), collating images on the fly like TRL's collator, with dpo.shared_prefix (the
+default: image, prompt and the answers' common opening once per pair, continuations on its KV
+cache); `ours-live-stacked` is the same with shared_prefix off (one forward over 2B rows). The
+precomputed path runs the reference pass in a separate process first (as the Ray Data actor does)
+and trains with one model. TRL runs as ENVIRONMENT.md says is fair on CPU: bf16/fp16 off, gradient
+checkpointing off, an explicit ref_model; TRL 1.16 has no shared-prefix option, disables
+padding_free and refuses precompute_ref_log_probs for vision data (the script records that).
+samples/s = pairs per second over the steps after `--warmup`; with `--repeats` the methods run
+round-robin and the table shows the median run (JSON: all). Every method runs with `--threads`
+torch threads (default 1: on a shared 2-core machine two OpenMP threads per process ran 10x slower
+than one); the JSON records the load average around the run.
+
+`--quick` (under 4 minutes on 2 cores): ours-live and trl-live, the like-for-like pair (both live
+reference, 2 models resident), 8 steps of 8 pairs, 3 interleaved repeats; the JSON's
+`ratios.dpo_vs_trl_dpo` = median ours-live pairs/s / median trl-live pairs/s, and
+`loss_check` compares the two methods' step losses (same batches, same start: they should agree).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import resource
 import subprocess
@@ -29,9 +41,15 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-METHODS = ("ours-live", "ours-precomputed", "trl-live", "trl-precomputed")
+METHODS = ("ours-live", "ours-live-stacked", "ours-precomputed", "trl-live", "trl-precomputed")
+QUICK = {"steps": 8, "warmup": 2, "batch": 8, "repeats": 3, "methods": ["ours-live", "trl-live"]}
+# Step losses of ours and TRL on the same batches agree to this (float32, different kernels and
+# tokenisation paths); step 1 is log 2 on both (policy == reference).
+LOSS_TOLERANCE = 2e-3
 NOTES = {
-    "ours-live": "loop.fit + TorchEngine in-process (no Ray); policy + frozen reference",
+    "ours-live": "loop.fit + TorchEngine in-process (no Ray); policy + frozen reference; "
+                 "shared prefix",
+    "ours-live-stacked": "as ours-live with dpo.shared_prefix=false (2B full rows per forward)",
     "ours-precomputed": "reference pass in its own process, then loop.fit with the policy only",
     "trl-live": "TRL 1.16 DPOTrainer, explicit ref_model, fp32, no grad checkpointing",
     "trl-precomputed": "TRL 1.16 DPOTrainer with precompute_ref_log_probs=True",
@@ -82,7 +100,7 @@ def precompute(args: argparse.Namespace) -> dict:
     return {"seconds": time.perf_counter() - start, "peak_rss_bytes": peak_rss()}
 
 
-def ours(args: argparse.Namespace, precomputed: bool) -> dict:
+def ours(args: argparse.Namespace, precomputed: bool, shared_prefix: bool = True) -> dict:
     import torch
 
     from nsft_ray.algorithms import frozen_copy
@@ -97,7 +115,8 @@ def ours(args: argparse.Namespace, precomputed: bool) -> dict:
     rows = load_rows(data, args.steps * args.batch)
     model, processor = load_vlm(args.model)
     reference = None if precomputed else frozen_copy(model)
-    objective = dpo_objective(DPOConfig(beta=args.beta, precompute_ref=precomputed), reference)
+    objective = dpo_objective(DPOConfig(beta=args.beta, precompute_ref=precomputed,
+                                        shared_prefix=shared_prefix), reference)
     optim = OptimConfig(lr=args.lr, schedule="constant", warmup_ratio=0.0, max_grad_norm=1.0)
     optimizer = make_optimizer(model, optim)
     engine = TorchEngine(model, optimizer, make_scheduler(optimizer, optim, args.steps), 1.0)
@@ -113,7 +132,8 @@ def ours(args: argparse.Namespace, precomputed: bool) -> dict:
     fit(objective, engine, epochs, total_steps=args.steps, grad_accum=1, hooks=hooks,
         prefix="dpo")
     return {"samples_per_s": rate(times, args.batch, args.warmup), "peak_rss_bytes": peak_rss(),
-            "first_loss": losses[0], "last_loss": losses[-1], "models_resident": 2 - precomputed}
+            "first_loss": losses[0], "last_loss": losses[-1], "losses": losses,
+            "models_resident": 2 - precomputed}
 
 
 def trl(args: argparse.Namespace, precomputed: bool) -> dict:
@@ -148,6 +168,7 @@ def trl(args: argparse.Namespace, precomputed: bool) -> dict:
         warmup_steps=0, max_grad_norm=1.0, beta=args.beta, loss_type=["sigmoid"],
         max_length=args.max_length, logging_steps=1, save_strategy="no", seed=0,
         dataloader_num_workers=0, precompute_ref_log_probs=precomputed,
+        train_sampling_strategy="sequential",  # ours' batches, in ours' order: comparable losses
     )
     try:
         trainer = DPOTrainer(model=model, ref_model=None if precomputed else ref_model,
@@ -158,7 +179,8 @@ def trl(args: argparse.Namespace, precomputed: bool) -> dict:
     trainer.train()
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     return {"samples_per_s": rate(times, args.batch, args.warmup), "peak_rss_bytes": peak_rss(),
-            "first_loss": losses[0], "last_loss": losses[-1], "models_resident": 2}
+            "first_loss": losses[0], "last_loss": losses[-1], "losses": losses,
+            "models_resident": 2}
 
 
 def run_one(args: argparse.Namespace) -> dict:
@@ -168,7 +190,8 @@ def run_one(args: argparse.Namespace) -> dict:
     if args.method == "precompute":
         return precompute(args)
     if args.method.startswith("ours"):
-        return ours(args, precomputed=args.method == "ours-precomputed")
+        return ours(args, precomputed=args.method == "ours-precomputed",
+                    shared_prefix=args.method != "ours-live-stacked")
     return trl(args, precomputed=args.method == "trl-precomputed")
 
 
@@ -206,6 +229,35 @@ def median_run(runs: list[dict]) -> dict:
     return sorted(runs, key=lambda r: r["samples_per_s"])[(len(runs) - 1) // 2]
 
 
+def ratios(results: dict[str, dict]) -> dict[str, float]:
+    """Ours over TRL in median pairs/s, like for like: both with a live reference."""
+    out = {}
+    trl_rate = results.get("trl-live", {}).get("samples_per_s")
+    for name, key in (("ours-live", "dpo_vs_trl_dpo"),
+                      ("ours-live-stacked", "dpo_stacked_vs_trl_dpo")):
+        if trl_rate and "samples_per_s" in results.get(name, {}):
+            out[key] = results[name]["samples_per_s"] / trl_rate
+    return out
+
+
+def loss_check(runs: dict[str, list[dict]]) -> dict:
+    """Step losses of each of our live methods against TRL's, repeat by repeat (same batches)."""
+    out = {}
+    trl_runs = [r for r in runs.get("trl-live", []) if "losses" in r]
+    for name in ("ours-live", "ours-live-stacked"):
+        pairs = list(zip(runs.get(name, []), trl_runs, strict=False))
+        if not pairs:
+            continue
+        diff = max(abs(a - b) for ours_run, trl_run in pairs
+                   for a, b in zip(ours_run["losses"], trl_run["losses"], strict=True))
+        first = [r["losses"][0] for run in pairs for r in run]
+        out[f"{name}_vs_trl-live"] = {
+            "max_abs_step_loss_diff": diff, "tolerance": LOSS_TOLERANCE,
+            "first_losses_are_log2": all(abs(x - math.log(2)) < 1e-4 for x in first),
+            "agree": diff <= LOSS_TOLERANCE}
+    return out
+
+
 def table(results: dict[str, dict]) -> str:
     head = f"{'method':<18} {'pairs/s':>8} {'peak RSS MiB':>12} {'models':>6} {'loss@1':>7} " \
            f"{'loss@end':>8}  notes"
@@ -238,12 +290,19 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--threads", type=int, default=1, help="torch threads per method")
     p.add_argument("--repeats", type=int, default=1, help="runs per method (median shown)")
     p.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
+    p.add_argument("--quick", action="store_true",
+                   help=f"ours-live vs trl-live, median of 3 interleaved repeats: {QUICK}")
     p.add_argument("--out", type=Path, default=Path("runs/bench/dpo.json"))
     p.add_argument("--method", help=argparse.SUPPRESS)  # internal: run one method, print RESULT
     p.add_argument("--work", type=Path, help=argparse.SUPPRESS)
     p.add_argument("--model", type=Path, help=argparse.SUPPRESS)
     p.add_argument("--data", type=Path, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.quick:  # explicit flags on the command line still win
+        given = {a.split("=")[0] for a in (argv if argv is not None else sys.argv[1:])}
+        for key, value in QUICK.items():
+            if f"--{key}" not in given:
+                setattr(args, key, value)
     if args.method:
         print("RESULT " + json.dumps(run_one(args)), flush=True)
         return
@@ -265,11 +324,15 @@ def main(argv: list[str] | None = None) -> None:
                 print(f"{method}: {result}", file=sys.stderr, flush=True)
     results = {m: median_run(r) for m, r in runs.items()}
     print(table(results))
+    summary = {"ratios": ratios(results), "loss_check": loss_check(runs)}
+    print(json.dumps(summary, indent=2))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     settings = {k: getattr(args, k) for k in ("steps", "batch", "warmup", "lr", "beta",
-                                              "max_length", "size", "threads", "repeats")}
+                                              "max_length", "size", "threads", "repeats",
+                                              "methods", "quick")}
     load = {"before": load_before, "after": os.getloadavg(), "cpus": os.cpu_count()}
-    args.out.write_text(json.dumps({"settings": settings, "load_average": load,
+    args.out.write_text(json.dumps({**summary, "settings": settings, "load_average": load,
+                                    "notes": {m: NOTES[m] for m in args.methods},
                                     "results": results, "runs": runs}, indent=2))
     print(f"load average before {load_before[0]:.1f}, after {load['after'][0]:.1f} "
           f"on {load['cpus']} CPUs")

@@ -5,7 +5,9 @@ precomputed-reference path against the live one.
 - policy == reference gives h = 0, so sigmoid DPO = log 2, IPO = (1 / (2 beta))^2, hinge = 1;
 - precomputed reference log-probs (scored one row at a time, other padding) give the same loss
   and gradients as the live reference on the same batch;
-- the optional SFT term equals the SFT objective on the chosen conversations; 1 x 4 == 4 x 1.
+- the optional SFT term equals the SFT objective on the chosen conversations; 1 x 4 == 4 x 1;
+- the shared-prefix forward (image + prompt + common answer opening once per pair, continuations
+  on its KV cache) gives the stacked 2B-row forward's log-probs, losses and gradients.
 """
 
 import math
@@ -17,11 +19,19 @@ import pytest
 import torch
 
 from nsft_ray.algorithms import ALGORITHMS, frozen_copy
-from nsft_ray.algorithms.dpo import DPO_LOSSES, dpo_objective, reference_logps
+from nsft_ray.algorithms.dpo import (
+    DPO_LOSSES,
+    _shared_prefix_answer_logps,
+    _shared_prefix_lengths,
+    _stacked_answer_logps,
+    dpo_objective,
+    reference_logps,
+)
 from nsft_ray.algorithms.sft import sft_objective
 from nsft_ray.collate import Collator
 from nsft_ray.config import Config, DPOConfig, WorldConfig, load_config
-from nsft_ray.models import build_tiny_vlm, load_vlm
+from nsft_ray.image_features import ImageFeatureCache
+from nsft_ray.models import build_tiny_vlm, freeze, load_vlm
 from nsft_ray.preference_collate import REF_COLUMNS, PreferenceCollator
 from nsft_ray.world import corpus, write_world
 
@@ -112,6 +122,17 @@ def _loss_and_grads(objective, policy, batch):
     return float(loss.detach()), [p.grad.clone() for p in policy.parameters() if p.grad is not None]
 
 
+def assert_grads_close(actual, expected):
+    """Gradient lists equal up to fp32 rounding. The absolute tolerance scales with the largest
+    gradient entry: rounding is relative to the terms summed into an entry, and IPO's factor
+    (h - 1/(2 beta)) ~ -5 makes every term larger; entries that are zero in exact arithmetic (a
+    key bias: softmax ignores a shift) are rounding noise of ~1e-9."""
+    assert len(actual) == len(expected) > 0
+    scale = max(float(g.abs().max()) for g in expected)
+    for a, b in zip(actual, expected, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6 * max(scale, 1.0))
+
+
 @pytest.mark.parametrize("loss", ["sigmoid", "ipo"])
 def test_precomputed_reference_equals_live_reference(tiny, loss):
     model, processor, rows = tiny
@@ -128,9 +149,82 @@ def test_precomputed_reference_equals_live_reference(tiny, loss):
     pre_loss, pre_grads = _loss_and_grads(pre_objective, policy, collate(pre_rows))
     assert live_loss != pytest.approx(math.log(2), abs=1e-3)  # the policy really moved
     assert pre_loss == pytest.approx(live_loss, rel=1e-5)
-    assert len(pre_grads) == len(live_grads) > 0
-    for a, b in zip(pre_grads, live_grads, strict=True):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    assert_grads_close(pre_grads, live_grads)
+
+
+def test_shared_prefix_logps_equal_the_stacked_forward(tiny):
+    """Fails if the continuations lose a cache row, take wrong position ids, attend to another
+    pair's prefix or its padding, or if a shared answer token is dropped or counted twice.
+    Oracle: the full 2B-row forward (the path without a cache)."""
+    model, processor, rows = tiny
+    batch = PreferenceCollator(processor, 256)(rows)
+    prefix, _, answer_start = _shared_prefix_lengths(batch)
+    starts = answer_start[:B]
+    # The batch holds pairs whose answers differ at their first token and pairs that share an
+    # opening (so shared answer tokens are scored from the prefix forward), and prompts of
+    # different lengths (so rows continue from different cache positions).
+    assert (prefix == starts - 1).any() and (prefix > starts).any()
+    assert len(set(starts.tolist())) > 1
+    policy = perturbed(model)
+    with torch.no_grad():
+        oracle = torch.cat(reference_logps(policy, batch, shared_prefix=False))
+        assert torch.equal(oracle, _stacked_answer_logps(policy, batch))
+        shared = torch.cat(reference_logps(policy, batch, shared_prefix=True))
+    # fp32 sums of ~40 token log-probs of up to -260: rounding differs at ~1e-7 relative.
+    torch.testing.assert_close(shared, oracle, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("loss, sft_weight", [("sigmoid", 0.5), ("ipo", 0.0)])
+def test_shared_prefix_loss_and_gradients_equal_the_stacked_forward(tiny, loss, sft_weight):
+    """Fails if gradients do not flow back through the repeated KV cache into the image and
+    prompt, or the shared answer tokens' gradient is lost. Sigmoid DPO alone would not see the
+    shared tokens (they cancel in h), so it runs with the SFT term; IPO averages by length."""
+    model, processor, rows = tiny
+    batch = PreferenceCollator(processor, 256)(rows)
+    policy, reference = perturbed(model), frozen_copy(model)
+    results = [_loss_and_grads(dpo_objective(DPOConfig(loss=loss, sft_weight=sft_weight,
+                                                       shared_prefix=flag), reference),
+                               policy, batch) for flag in (False, True)]
+    (stacked_loss, stacked_grads), (shared_loss, shared_grads) = results
+    assert shared_loss == pytest.approx(stacked_loss, rel=1e-5)
+    names = [n for n, p in policy.named_parameters() if p.grad is not None]
+    assert any("vision" in n for n in names)  # the image encoder is reached through the cache
+    assert_grads_close(shared_grads, stacked_grads)
+
+
+@pytest.mark.parametrize("arch", ["idefics3", "llava"])
+def test_shared_prefix_with_cached_image_features(tiny, tmp_path, arch):
+    """Fails if the prefix forward takes another pair's cached image features (one entry per
+    image, row-major over all 2B rows) or slices LLaVA's inputs wrongly. Oracle: the stacked
+    forward on pixels."""
+    _, _, rows = tiny
+    model, processor = load_vlm(build_tiny_vlm(tmp_path / "m", corpus(WorldConfig(), n=300,
+                                                                       seed=0), arch=arch))
+    freeze(model, ("vision", "connector"))
+    batch = PreferenceCollator(processor, 256)(rows)
+    cached = ImageFeatureCache(model).attach(model, batch)
+    assert "pixel_values" not in cached and "mm_encoder_outputs" in cached
+    with torch.no_grad():
+        oracle = _stacked_answer_logps(model, batch)
+        for shared in (_shared_prefix_answer_logps(model, batch),
+                       _shared_prefix_answer_logps(model, cached)):
+            torch.testing.assert_close(shared, oracle, rtol=1e-5, atol=1e-5)
+
+
+def test_shared_prefix_refuses_pairs_with_different_prompts(tiny, monkeypatch):
+    """Fails if a pair whose rows differ before the answer (so not one image + prompt) is scored
+    as if it shared them, or a model whose position ids are not one per token (Qwen2-VL's 3-D
+    RoPE) is given 1-D continuation positions."""
+    model, processor, rows = tiny
+    batch = PreferenceCollator(processor, 256)(rows)
+    with monkeypatch.context() as m:
+        m.setattr(model.config, "model_type", "qwen2_vl")
+        with pytest.raises(ValueError, match="'qwen2_vl' is not one of .*shared_prefix=false"):
+            reference_logps(model, batch)
+    answer = int((batch["labels"][B + 1] != -100).nonzero()[0])
+    batch["input_ids"][B + 1, answer - 2] += 1  # a prompt token of pair 1's rejected row
+    with pytest.raises(ValueError, match="pair 1 has different prompt tokens"):
+        reference_logps(model, batch)
 
 
 def test_sft_term_equals_sft_on_chosen_conversations(tiny):
@@ -162,8 +256,7 @@ def test_gradient_accumulation_counts_pairs(tiny):
         sums, _ = objective.forward(policy, collate([r]))
         (sums["dpo"] / B).backward()
     split = [p.grad for p in policy.parameters() if p.grad is not None]
-    for a, b in zip(split, whole, strict=True):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    assert_grads_close(split, whole)
 
 
 def test_config_errors_name_the_field(tiny):

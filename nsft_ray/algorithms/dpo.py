@@ -10,6 +10,10 @@ hinge (SLiC-HF), cdpo (conservative, label smoothing), robust (rDPO). `sft_weigh
 sft_weight * L_sft(y_w), a token mean over the chosen answers. The DPO term is a mean over the
 pairs of the whole optimizer step (count = pairs), so gradient accumulation is exact.
 
+log pi(y_w | x) and log pi(y_l | x) share the image, the prompt and the answers' common opening:
+with `shared_prefix` (the default) that part runs once per pair and both continuations run on its
+KV cache, exactly as one forward over the 2B full rows would score them (tests/test_dpo.py).
+
 Models resident: the policy and a frozen reference copy of the starting model (2). With
 `precompute_ref`, a Ray Data pass (ray_glue/dpo.py) first writes log pi_ref(y_w | x) and
 log pi_ref(y_l | x) into the data with `reference_logps`, and training holds the policy only (1).
@@ -22,13 +26,14 @@ learns from the fixed offline pairs only.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from nsft_ray.algorithms.sft import model_inputs
 from nsft_ray.config import DPOConfig
-from nsft_ray.logprobs import sequence_logprobs, target_mask, token_logprobs
+from nsft_ray.logprobs import IGNORE_INDEX, sequence_logprobs, target_mask, token_logprobs
 from nsft_ray.loop import Batch, Objective
 from nsft_ray.losses import (
     dpo_conservative_loss,
@@ -53,6 +58,10 @@ DPO_LOSSES: dict[str, LossFn] = {
 }
 AVERAGED = frozenset({"ipo"})  # variants defined on length-averaged log-probs
 SMOOTHED = frozenset({"cdpo", "robust"})  # variants that read label_smoothing
+# Text models whose positions are one index per token (Llama-style RoPE), so a continuation's
+# position ids are its prefix length + offset. Qwen2-VL's 3-D RoPE or PaliGemma's prefix-LM
+# attention would need their own rules.
+SHARED_PREFIX_MODELS = frozenset({"idefics3", "smolvlm", "llava"})
 METRICS = ("rewards_chosen", "rewards_rejected", "reward_margin", "reward_accuracy")
 
 
@@ -60,22 +69,132 @@ def models_resident(cfg: DPOConfig) -> int:
     return 1 if cfg.precompute_ref else 2
 
 
-def _answer_token_logps(model: nn.Module, batch: Batch) -> tuple[Tensor, Tensor]:
-    """Token log-probs (2B, T-1) of the stacked chosen/rejected batch, and the answer mask."""
+def _stacked_answer_logps(model: nn.Module, batch: Batch) -> Tensor:
+    """Summed answer log-probs (2B,), float32: one forward over the 2B full sequences."""
     inputs = {k: v for k, v in model_inputs(batch).items() if k not in REF_COLUMNS}
-    logits = model(**inputs).logits
-    return token_logprobs(logits, batch["labels"]), target_mask(batch["labels"])
+    token_logps = token_logprobs(model(**inputs).logits, batch["labels"])
+    return sequence_logprobs(token_logps, target_mask(batch["labels"]))
+
+
+def _shared_prefix_lengths(batch: Batch) -> tuple[Tensor, Tensor, Tensor]:
+    """Per pair, the prefix length P (B,) that the chosen and rejected rows share; per row, the
+    real length (2B,) and the first answer position (2B,).
+
+    P = (longest common prefix) - 1: the last shared token opens each continuation, so the
+    continuation forward has a query at every position whose logits score an unshared token.
+    """
+    ids, attn, labels = batch["input_ids"], batch["attention_mask"].bool(), batch["labels"]
+    cols = torch.arange(ids.shape[1], device=ids.device)
+    lengths = attn.sum(-1)  # (2B,)
+    if not torch.equal(attn, cols < lengths[:, None]):
+        raise ValueError("dpo.shared_prefix: expects right-padded rows (PreferenceCollator's)")
+    answered = labels != IGNORE_INDEX
+    answer_start = torch.where(answered.any(-1), answered.int().argmax(-1), lengths)  # (2B,)
+    (ids_c, ids_r), (len_c, len_r) = split_pairs(ids), split_pairs(lengths)
+    shorter = torch.minimum(len_c, len_r)
+    differs = (ids_c != ids_r) | (cols >= shorter[:, None])
+    common = torch.where(differs.any(-1), differs.int().argmax(-1), shorter)  # (B,)
+    # The image sits in the prompt: a pair whose prompts differ cannot share the image forward.
+    bad = (common < torch.maximum(*split_pairs(answer_start))).nonzero()
+    if len(bad):
+        raise ValueError(f"dpo.shared_prefix: pair {int(bad[0])} has different prompt tokens "
+                         "in its chosen and rejected rows")
+    return common - 1, lengths, answer_start
+
+
+def _chosen_image_inputs(model: nn.Module, batch: Batch, n_pairs: int) -> dict[str, Any]:
+    """The image inputs of the chosen rows 0..B-1 (the rejected rows show the same images)."""
+    out: dict[str, Any] = {}
+    for k, v in model_inputs(batch).items():
+        if k in REF_COLUMNS or k in ("input_ids", "attention_mask", "use_cache"):
+            continue
+        if k == "mm_encoder_outputs":  # cached features (image_features.py), not pixels
+            out[k] = {"image": _first_images(model, batch, n_pairs, v["image"].pooler_output)}
+        else:
+            out[k] = v[:n_pairs]
+    return out
+
+
+def _first_images(model: nn.Module, batch: Batch, n_rows: int,
+                  pooled: Tensor | list[Tensor]) -> Any:
+    """The cached features of rows 0..n_rows-1's images. One (tokens, hidden) entry per image,
+    row-major over the batch, so those rows' images come first; their count follows from the
+    image tokens in those rows."""
+    # Imported here, as image_features.py is: the algorithms table loads without transformers.
+    from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+    config = getattr(model, "module", model).config  # DDP / DeepSpeed wrap the bare model
+    token = getattr(config, "image_token_id", None)
+    if token is None:
+        token = config.image_token_index
+    n_tokens = int((batch["input_ids"][:n_rows] == token).sum())
+    return BaseModelOutputWithPooling(pooler_output=pooled[:n_tokens // pooled[0].shape[0]])
+
+
+def _shared_prefix_answer_logps(model: nn.Module, batch: Batch) -> Tensor:
+    """The same (2B,) as `_stacked_answer_logps`, with the shared part run once per pair.
+
+    Forward 1: the B shared prefixes (image, prompt, and the answers' common opening), keeping
+    the KV cache and the logits that score the shared answer tokens. Forward 2: the 2B
+    continuations against that cache repeated to chosen + rejected rows (gradients flow back
+    through it), with position ids that continue each row's own prefix.
+    """
+    model_type = getattr(model, "module", model).config.model_type  # DDP / DeepSpeed wrap it
+    if model_type not in SHARED_PREFIX_MODELS:
+        raise ValueError(f"dpo.shared_prefix: model_type {model_type!r} is not one of "
+                         f"{', '.join(sorted(SHARED_PREFIX_MODELS))}; set dpo.shared_prefix=false")
+    ids, labels = batch["input_ids"], batch["labels"]
+    prefix, lengths, answer_start = _shared_prefix_lengths(batch)  # (B,), (2B,), (2B,)
+    n_pairs, p_max = prefix.shape[0], int(prefix.max())
+    prefix_mask = (torch.arange(p_max, device=ids.device) < prefix[:, None]).long()  # (B, P)
+    # Logits only from the first position that scores an answer token (the lm_head over the
+    # image and prompt positions would be thrown away); at least one, as logits_to_keep=0
+    # means all.
+    keep = max(p_max - (int(answer_start.min()) - 1), 1)
+    image_inputs = _chosen_image_inputs(model, batch, n_pairs)
+    out = model(input_ids=ids[:n_pairs, :p_max], attention_mask=prefix_mask, use_cache=True,
+                logits_to_keep=keep, **image_inputs)
+    # Those logits predict tokens p_max-keep+1 .. p_max; a row's tokens past its P are not shared.
+    # token_logprobs drops the last logits column, so a zero column stands in for it.
+    first = p_max - keep
+    shared_labels = labels[:n_pairs, first:p_max + 1].masked_fill(
+        torch.arange(first, p_max + 1, device=ids.device) > prefix[:, None], IGNORE_INDEX)
+    shared_logps = token_logprobs(nn.functional.pad(out.logits, (0, 0, 0, 1)), shared_labels)
+    shared = sequence_logprobs(shared_logps, target_mask(shared_labels))  # (B,)
+
+    cache = out.past_key_values
+    rows = torch.arange(n_pairs, device=ids.device)
+    cache.batch_select_indices(torch.cat([rows, rows]))  # chosen rows first, as the collator
+    start = prefix.repeat(2)  # (2B,) each row continues from its pair's prefix
+    steps = torch.arange(int((lengths - start).max()), device=ids.device)
+    index = (start[:, None] + steps).clamp(max=ids.shape[1] - 1)  # (2B, Tc)
+    real = steps < (lengths - start)[:, None]
+    # Token 0 of a continuation is the last shared one, already scored above; the shift in
+    # token_logprobs drops its label, so nothing is counted twice.
+    cont_labels = labels.gather(1, index).masked_fill(~real, IGNORE_INDEX)
+    logits = model(input_ids=ids.gather(1, index),
+                   attention_mask=torch.cat([prefix_mask.repeat(2, 1), real.long()], 1),
+                   position_ids=start[:, None] + steps, past_key_values=cache,
+                   use_cache=True).logits
+    own = sequence_logprobs(token_logprobs(logits, cont_labels), target_mask(cont_labels))
+    return shared.repeat(2) + own
+
+
+def _answer_logps(model: nn.Module, batch: Batch, shared_prefix: bool) -> Tensor:
+    fn = _shared_prefix_answer_logps if shared_prefix else _stacked_answer_logps
+    return fn(model, batch)
 
 
 @torch.no_grad()
-def reference_logps(reference: nn.Module, batch: Batch) -> tuple[Tensor, Tensor]:
+def reference_logps(reference: nn.Module, batch: Batch,
+                    shared_prefix: bool = True) -> tuple[Tensor, Tensor]:
     """Summed answer log-probs under a frozen model: (chosen (B,), rejected (B,)), float32.
 
     The columns `ref_chosen_logps` / `ref_rejected_logps` that the precompute pass writes; the
-    live-reference path computes the same numbers inside the objective.
+    live-reference path computes the same numbers inside the objective. `shared_prefix` as
+    `DPOConfig.shared_prefix` (the same numbers either way, to float rounding).
     """
-    token_logps, mask = _answer_token_logps(reference, batch)
-    return split_pairs(sequence_logprobs(token_logps, mask))
+    return split_pairs(_answer_logps(reference, batch, shared_prefix))
 
 
 def dpo_objective(cfg: DPOConfig, reference: nn.Module | None) -> Objective:
@@ -111,18 +230,18 @@ def dpo_objective(cfg: DPOConfig, reference: nn.Module | None) -> Objective:
         else:
             # Reference first: its activations are freed before the policy's graph is built,
             # so the peak holds one forward's activations, not two.
-            ref_logps = torch.cat(reference_logps(reference, batch))
-        token_logps, mask = _answer_token_logps(model, batch)
-        logps = sequence_logprobs(token_logps, mask)  # (2B,) summed over answer tokens
+            ref_logps = torch.cat(reference_logps(reference, batch, cfg.shared_prefix))
+        logps = _answer_logps(model, batch, cfg.shared_prefix)  # (2B,) summed over answer tokens
         ref_logps = ref_logps.to(logps)
+        sft_sum = -split_pairs(logps)[0].sum()  # the chosen answers' summed NLL, before averaging
         if cfg.loss in AVERAGED:
-            n_tokens = mask.sum(-1).clamp(min=1)  # (2B,) answer lengths
+            n_tokens = target_mask(batch["labels"]).sum(-1).clamp(min=1)  # (2B,) answer lengths
             logps, ref_logps = logps / n_tokens, ref_logps / n_tokens
         (pc, pr), (rc, rr) = split_pairs(logps), split_pairs(ref_logps)
         loss, metrics = loss_fn(pc, pr, rc, rr, cfg)
         sums = {"dpo": loss * pc.shape[0]}  # every variant is a mean over pairs
         if "sft" in weights:
-            sums["sft"] = -split_pairs(token_logps)[0].sum()  # masked positions are already 0
+            sums["sft"] = sft_sum
         extra = {k: float(metrics[k]) for k in METRICS}
         extra.update(logps_chosen=float(pc.detach().mean()),
                      logps_rejected=float(pr.detach().mean()))
