@@ -213,14 +213,18 @@ def test_shared_prefix_with_cached_image_features(tiny, tmp_path, arch):
 
 def test_shared_prefix_refuses_pairs_with_different_prompts(tiny, monkeypatch):
     """Fails if a pair whose rows differ before the answer (so not one image + prompt) is scored
-    as if it shared them, or a model whose position ids are not one per token (Qwen2-VL's 3-D
-    RoPE) is given 1-D continuation positions."""
+    as if it shared them, a model whose position ids are not one per token (Qwen2-VL's 3-D
+    RoPE) is given 1-D continuation positions, or a missing cache surfaces as an AttributeError."""
     model, processor, rows = tiny
     batch = PreferenceCollator(processor, 256)(rows)
     with monkeypatch.context() as m:
         m.setattr(model.config, "model_type", "qwen2_vl")
         with pytest.raises(ValueError, match="'qwen2_vl' is not one of .*shared_prefix=false"):
             reference_logps(model, batch)
+    checkpointed = perturbed(model)
+    checkpointed.gradient_checkpointing_enable()  # transformers then returns no KV cache
+    with pytest.raises(ValueError, match="no KV cache .*shared_prefix=false"):
+        reference_logps(checkpointed.train(), batch)
     answer = int((batch["labels"][B + 1] != -100).nonzero()[0])
     batch["input_ids"][B + 1, answer - 2] += 1  # a prompt token of pair 1's rejected row
     with pytest.raises(ValueError, match="pair 1 has different prompt tokens"):

@@ -163,6 +163,9 @@ def _shared_prefix_answer_logps(model: nn.Module, batch: Batch) -> Tensor:
     shared = sequence_logprobs(shared_logps, target_mask(shared_labels))  # (B,)
 
     cache = out.past_key_values
+    if cache is None:  # transformers drops the cache under gradient checkpointing
+        raise ValueError("dpo.shared_prefix: the model returned no KV cache (gradient "
+                         "checkpointing?); set dpo.shared_prefix=false")
     rows = torch.arange(n_pairs, device=ids.device)
     cache.batch_select_indices(torch.cat([rows, rows]))  # chosen rows first, as the collator
     start = prefix.repeat(2)  # (2B,) each row continues from its pair's prefix
