@@ -26,19 +26,21 @@ __all__ = ["ReferenceLogps", "with_reference_logps"]
 class ReferenceLogps:
     """Ray Data callable class: appends the reference log-probs to a batch of preference rows."""
 
-    def __init__(self, model_dir: str, dtype: str, max_length: int, device: str):
+    def __init__(self, model_dir: str, dtype: str, max_length: int, device: str,
+                 shared_prefix: bool = True):
         from nsft_ray.models import load_vlm
         from nsft_ray.preference_collate import PreferenceCollator
 
         self.model, processor = load_vlm(model_dir, dtype=dtype, device=device)  # once per actor
         self.collate = PreferenceCollator(processor, max_length)
         self.device = device
+        self.shared_prefix = shared_prefix  # DPOConfig.shared_prefix: the same numbers either way
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         from nsft_ray.algorithms.dpo import reference_logps
 
         inputs = {k: v.to(self.device) for k, v in self.collate(batch.to_pylist()).items()}
-        chosen, rejected = reference_logps(self.model, inputs)
+        chosen, rejected = reference_logps(self.model, inputs, self.shared_prefix)
         return (batch.append_column("ref_chosen_logps", pa.array(chosen.cpu().numpy()))
                 .append_column("ref_rejected_logps", pa.array(rejected.cpu().numpy())))
 
@@ -62,7 +64,8 @@ def with_reference_logps(ds: ray.data.Dataset, cfg: Config, run_dir: Path) -> ra
             ReferenceLogps,
             fn_constructor_kwargs={"model_dir": cfg.model.name_or_path, "dtype": cfg.model.dtype,
                                    "max_length": cfg.train.max_length,
-                                   "device": "cuda" if use_gpu else "cpu"},
+                                   "device": "cuda" if use_gpu else "cpu",
+                                   "shared_prefix": cfg.dpo.shared_prefix},
             batch_size=cfg.dpo.precompute_batch_size, batch_format="pyarrow",
             # The trainer's resources are free until it starts: one actor per future worker.
             compute=ray.data.ActorPoolStrategy(size=cfg.resources.num_workers),
