@@ -18,7 +18,14 @@ import torch  # noqa: E402
 from nsft_ray.algorithms import conversation_collate  # noqa: E402
 from nsft_ray.algorithms.nsft import nsft_objective  # noqa: E402
 from nsft_ray.algorithms.sft import sft_objective  # noqa: E402
-from nsft_ray.config import Config, ConfigError, NSFTConfig, TrainConfig, load_config  # noqa: E402
+from nsft_ray.config import (  # noqa: E402
+    Config,
+    ConfigError,
+    ModelConfig,
+    NSFTConfig,
+    TrainConfig,
+    load_config,
+)
 from nsft_ray.image_features import ImageFeatureCache, with_cached_image_features  # noqa: E402
 from nsft_ray.loop import _batch_size  # noqa: E402
 from nsft_ray.models import build_tiny_vlm, freeze, load_vlm  # noqa: E402
@@ -113,3 +120,41 @@ def test_packing_with_cached_image_features_gives_the_padded_uncached_loss(tiny)
 def test_pack_tokens_below_max_length_is_refused():
     with pytest.raises(ConfigError, match=r"train.pack_tokens=64: expected 0 .*max_length=128"):
         load_config(None, ["train.max_length=128", "train.pack_tokens=64"])
+
+
+def test_fit_with_cached_features_and_packing_trains_like_the_plain_loop(tmp_path):
+    """loop.fit through ALGORITHMS["nsft"] (as bench_train and the Ray worker build it), 3
+    optimizer steps: fails if the fast options change any step's loss or the trained weights,
+    e.g. features cached before an update that should have changed them."""
+    from nsft_ray.algorithms import ALGORITHMS
+    from nsft_ray.config import OptimConfig
+    from nsft_ray.loop import Hooks, TorchEngine, fit, make_scheduler
+
+    path = build_tiny_vlm(tmp_path / "m", CORPUS)
+    optim = OptimConfig(warmup_ratio=0.0, schedule="constant")
+    spec = ALGORITHMS["nsft"]
+    batches = [{k: v[i:i + 3] for k, v in rows().items()} for i in (0, 2)]  # two epochs' worth
+
+    def train(fast: bool):
+        torch.manual_seed(0)
+        cfg = Config(train=TrainConfig(max_length=128, pack_tokens=128 + 64 if fast else 0,
+                                       cache_image_features=fast, cache_encoded=fast),
+                     model=ModelConfig(freeze=("vision", "connector")))
+        model, processor = load_vlm(path)
+        freeze(model, cfg.model.freeze)
+        collate = spec.collate(processor, cfg)
+        # SGD: the update is linear in the gradient; Adam's normalisation would magnify float
+        # rounding on near-zero gradients into visible weight differences (as in test_loop).
+        opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+        engine = TorchEngine(model, opt, make_scheduler(opt, optim, 3), optim.max_grad_norm)
+        logs = []
+        fit(spec.objective(cfg, model, "cpu"), engine, lambda e: [collate(b) for b in batches],
+            total_steps=3, grad_accum=1, hooks=Hooks(log=logs.append, log_every=1))
+        return [m["train/loss"] for m in logs], [m["samples"] for m in logs], model
+
+    plain_losses, plain_samples, plain = train(False)
+    fast_losses, fast_samples, fast = train(True)
+    assert fast_losses == pytest.approx(plain_losses, abs=1e-5)
+    assert fast_samples == plain_samples == [3, 6, 9]  # conversations, not packed rows
+    for (name, a), b in zip(plain.named_parameters(), fast.parameters(), strict=True):
+        torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-4, msg=name)
