@@ -287,9 +287,16 @@ class DeepSpeedConfig:
 @dataclass(frozen=True)
 class ResourcesConfig:
     num_workers: int = 1
-    use_gpu: bool = False
+    use_gpu: bool = False  # each training worker takes one accelerator
     cpus_per_worker: float = 1.0
     address: str = ""  # Ray address; empty: RAY_ADDRESS or an embedded local Ray
+    # The Ray resource an accelerator is asked for by (use_gpu, ppo.roles.<role>.num_gpus): GPU
+    # on a real cluster; a custom resource on a simulated one (ray_glue/simcluster.py), where
+    # the same requests place the work but it runs on CPU.
+    accelerator: str = "GPU"
+    # The cluster adds nodes on demand (cluster.yaml's autoscaler): PPO's placement then waits
+    # up to ppo.roles.timeout_s for nodes that do not exist yet instead of failing at once.
+    autoscaling: bool = False
 
 
 @dataclass(frozen=True)

@@ -31,7 +31,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from nsft_ray.config import Config, ResourcesConfig, RoleResources, RolesConfig
 
 __all__ = ["PLANS", "PPO_ROLES", "GroupPlan", "Plan", "PlacementError", "Reservation",
-           "check_resources", "ppo_plan", "reserve", "trainer_plan"]
+           "accelerator_options", "check_resources", "ppo_plan", "reserve", "trainer_plan"]
 
 PPO_ROLES = ("actor", "critic", "reward", "reference", "rollout")
 Bundle = dict[str, float]
@@ -57,6 +57,7 @@ class Plan:
     per_actor: dict[str, Bundle]  # role -> resources each of its actors requests
     num_actors: dict[str, int]
     config_key: str  # where the user changes the sizes, for messages
+    accelerator: str = "GPU"  # the Ray resource an accelerator is asked for by (bundles' key)
 
     def total(self) -> Bundle:
         out: Bundle = {}
@@ -82,12 +83,21 @@ def _fmt(res: Bundle) -> str:
     return ", ".join(f"{k} {v:g}" for k, v in sorted(res.items()) if v) or "nothing"
 
 
-def _bundle(r: RoleResources) -> Bundle:
-    return {k: v for k, v in (("CPU", r.num_cpus), ("GPU", r.num_gpus)) if v > 0}
+def accelerator_options(accelerator: str, amount: float) -> dict[str, Any]:
+    """Ray task/actor options asking for `amount` accelerators: `num_gpus` for GPUs, else the
+    custom resource that stands for them (a simulated cluster: ray_glue/simcluster.py)."""
+    if not amount:
+        return {"num_gpus": 0.0}
+    return {"num_gpus": amount} if accelerator == "GPU" else {"resources": {accelerator: amount}}
 
 
-def ppo_plan(roles: RolesConfig) -> Plan:
-    """One placement group per PPO role, or a shared one for the roles in `roles.colocate`."""
+def _bundle(r: RoleResources, accelerator: str = "GPU") -> Bundle:
+    return {k: v for k, v in (("CPU", r.num_cpus), (accelerator, r.num_gpus)) if v > 0}
+
+
+def ppo_plan(roles: RolesConfig, accelerator: str = "GPU") -> Plan:
+    """One placement group per PPO role, or a shared one for the roles in `roles.colocate`;
+    `num_gpus` asks for `accelerator` (resources.accelerator)."""
     spec: dict[str, RoleResources] = {name: getattr(roles, name) for name in PPO_ROLES}
     for name, r in spec.items():
         if r.num_actors < 1 or r.num_cpus < 0 or r.num_gpus < 0 or not _bundle(r):
@@ -106,11 +116,13 @@ def ppo_plan(roles: RolesConfig) -> Plan:
     for name, r in spec.items():
         if name in shared:
             continue
-        groups.append(GroupPlan(name, (_bundle(r),) * r.num_actors, roles.strategy, (name,)))
-        role_group[name], per_actor[name] = name, _bundle(r)
+        bundle = _bundle(r, accelerator)
+        groups.append(GroupPlan(name, (bundle,) * r.num_actors, roles.strategy, (name,)))
+        role_group[name], per_actor[name] = name, bundle
     if shared:
-        keys = {k for n in shared for k in _bundle(spec[n])}
-        bundle = {k: max(_bundle(spec[n]).get(k, 0.0) for n in shared) for k in keys}
+        asks = {n: _bundle(spec[n], accelerator) for n in shared}
+        keys = {k for ask in asks.values() for k in ask}
+        bundle = {k: max(ask.get(k, 0.0) for ask in asks.values()) for k in keys}
         group = "shared:" + "+".join(shared)
         groups.append(GroupPlan(group, (bundle,) * spec[shared[0]].num_actors, roles.strategy,
                                 shared))
@@ -120,15 +132,16 @@ def ppo_plan(roles: RolesConfig) -> Plan:
     order = {n: i for i, n in enumerate(PPO_ROLES)}
     role_group = dict(sorted(role_group.items(), key=lambda kv: order[kv[0]]))
     return Plan("ppo", tuple(groups), role_group, per_actor,
-                {n: spec[n].num_actors for n in spec}, "ppo.roles.<role>")
+                {n: spec[n].num_actors for n in spec}, "ppo.roles.<role>", accelerator)
 
 
 def trainer_plan(resources: ResourcesConfig, algo: str) -> Plan:
     """The Ray Train worker group of sft / nsft / dpo / reward (Ray Train creates it itself)."""
-    each = {"CPU": resources.cpus_per_worker, **({"GPU": 1.0} if resources.use_gpu else {})}
+    acc = resources.accelerator
+    each = {"CPU": resources.cpus_per_worker, **({acc: 1.0} if resources.use_gpu else {})}
     group = GroupPlan("trainer", (each,) * resources.num_workers, "PACK", ("trainer",))
     return Plan(algo, (group,), {"trainer": "trainer"}, {"trainer": each},
-                {"trainer": resources.num_workers}, "resources")
+                {"trainer": resources.num_workers}, "resources", acc)
 
 
 PLANS: dict[str, Callable[[Config], Plan]] = {
@@ -136,7 +149,7 @@ PLANS: dict[str, Callable[[Config], Plan]] = {
     "nsft": lambda cfg: trainer_plan(cfg.resources, "nsft"),
     "dpo": lambda cfg: trainer_plan(cfg.resources, "dpo"),
     "reward": lambda cfg: trainer_plan(cfg.resources, "reward"),
-    "ppo": lambda cfg: ppo_plan(cfg.ppo.roles),
+    "ppo": lambda cfg: ppo_plan(cfg.ppo.roles, cfg.resources.accelerator),
 }
 
 
@@ -158,7 +171,7 @@ def check_resources(
         for b in need:
             if nodes and not any(all(n.get(k, 0.0) >= v - 1e-9 for k, v in b.items())
                                  for n in nodes):
-                sizes = "; ".join(_fmt(_cpu_gpu(n)) for n in nodes)
+                sizes = "; ".join(_fmt(_cpu_gpu(n, plan.accelerator)) for n in nodes)
                 problems.append(f"group {g.name}: a {g.strategy} bundle of {_fmt(b)} fits on no "
                                 f"single node (nodes: {sizes})")
     if not problems:
@@ -166,13 +179,13 @@ def check_resources(
     return _message(plan, "cannot be satisfied by this Ray cluster", problems, cluster, available)
 
 
-def _cpu_gpu(res: Bundle) -> Bundle:
-    return {k: v for k, v in res.items() if k in ("CPU", "GPU")}
+def _cpu_gpu(res: Bundle, accelerator: str = "GPU") -> Bundle:
+    return {k: v for k, v in res.items() if k in ("CPU", accelerator)}
 
 
 def _message(plan: Plan, what: str, problems: list[str], cluster: Bundle,
              available: Bundle) -> str:
-    keys = set(plan.total()) | {"CPU", "GPU"}
+    keys = set(plan.total()) | {"CPU", plan.accelerator}
     return "\n".join([
         f"{plan.algo} placement {what}:",
         *[f"  - {p}" for p in problems],
@@ -201,7 +214,7 @@ class Reservation:
         each = self.plan.per_actor[role]
         return {
             "num_cpus": each.get("CPU", 0.0),
-            "num_gpus": each.get("GPU", 0.0),
+            **accelerator_options(self.plan.accelerator, each.get(self.plan.accelerator, 0.0)),
             "scheduling_strategy": PlacementGroupSchedulingStrategy(
                 self.groups[self.plan.role_group[role]], placement_group_bundle_index=rank,
                 placement_group_capture_child_tasks=True),
@@ -216,13 +229,20 @@ class Reservation:
             remove_placement_group(pg)
 
 
-def reserve(plan: Plan, timeout_s: float) -> Reservation:
+def reserve(plan: Plan, timeout_s: float, autoscaling: bool = False) -> Reservation:
     """Create the plan's placement groups; raise PlacementError within ~timeout_s if they
-    cannot be (all) placed, after removing the ones created."""
+    cannot be (all) placed, after removing the ones created.
+
+    On an autoscaling cluster (resources.autoscaling) the nodes that will hold the groups may
+    not exist yet: the pending groups are the demand the autoscaler launches them for, so only
+    the timeout applies.
+    """
     nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
-    problem = check_resources(plan, ray.cluster_resources(), ray.available_resources(), nodes)
+    problem = None if autoscaling else check_resources(
+        plan, ray.cluster_resources(), ray.available_resources(), nodes)
     if problem:
-        raise PlacementError(problem)
+        raise PlacementError(problem + "\n(On a cluster that adds nodes on demand, set "
+                             "resources.autoscaling=true: placement then waits for them.)")
     tag = uuid.uuid4().hex[:6]
     groups = {g.name: placement_group(list(g.bundles), strategy=g.strategy,
                                       name=f"nsft-{plan.algo}-{g.name}-{tag}")

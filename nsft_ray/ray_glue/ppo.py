@@ -91,7 +91,8 @@ def open_ray_roles(cfg: Config, check_rows: list[dict]) -> Iterator[RayRoles]:
     from nsft_ray.ray_glue.runtime import ensure_ray
 
     ensure_ray(cfg.resources.address)
-    reservation = reserve(ppo_plan(cfg.ppo.roles), cfg.ppo.roles.timeout_s)  # fails fast, readably
+    reservation = reserve(ppo_plan(cfg.ppo.roles, cfg.resources.accelerator),  # fails fast,
+                          cfg.ppo.roles.timeout_s, cfg.resources.autoscaling)  # readably
     roles = None
     try:
         roles = RayRoles(cfg, reservation, check_rows)
@@ -134,7 +135,8 @@ class RayRoles:
         at = Starts.of(cfg.model.name_or_path, ppo)
         self.ppo, self.reservation, self.check_rows = ppo, reservation, check_rows
         self.run_dir = Path(cfg.run.dir).resolve()
-        self.vllm_gpu = ppo.engine == "vllm" and ppo.roles.rollout.num_gpus > 0
+        self.vllm_gpu = (ppo.engine == "vllm" and ppo.roles.rollout.num_gpus > 0
+                         and cfg.resources.accelerator == "GPU")
 
         def spawn(role: str, cls, *args) -> list:
             return [cls.options(**reservation.options(role, rank)).remote(*args)

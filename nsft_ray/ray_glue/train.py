@@ -41,7 +41,7 @@ from ray.train import (
 from ray.train.torch import TorchConfig, TorchTrainer
 
 from nsft_ray.algorithms import ALGORITHMS
-from nsft_ray.config import Config, from_dict, save_config, to_dict
+from nsft_ray.config import Config, ResourcesConfig, from_dict, save_config, to_dict
 from nsft_ray.loop import (
     Hooks,
     MetricsWriter,
@@ -58,10 +58,14 @@ from nsft_ray.ray_glue.data import (
     read_preferences,
     validate_dataset,
 )
+from nsft_ray.ray_glue.placement import accelerator_options
 from nsft_ray.ray_glue.runtime import TRAIN_LOGGING, ensure_ray, quiet_train_reports, step_bar
 from nsft_ray.validate import QuarantineCounts, summarize
 
-__all__ = ["train", "train_loop_per_worker", "build_train_dataset", "row_kind", "MetricsWriter"]
+__all__ = ["train", "train_loop_per_worker", "build_train_dataset", "row_kind", "MetricsWriter",
+           "read_workers"]
+
+WORKERS_FILE = "workers.jsonl"
 
 
 # ------------------------------------------------------------------------------------ driver side
@@ -141,11 +145,8 @@ def train(cfg: Config, algo: str) -> dict:
         train_loop_per_worker,
         train_loop_config={"cfg": to_dict(cfg), "algo": algo, "total_steps": total_steps,
                            "run_dir": str(run_dir)},
-        scaling_config=ScalingConfig(
-            num_workers=cfg.resources.num_workers, use_gpu=cfg.resources.use_gpu,
-            resources_per_worker={"CPU": cfg.resources.cpus_per_worker},
-        ),
-        torch_config=TorchConfig(backend="nccl" if cfg.resources.use_gpu else "gloo"),
+        scaling_config=_scaling(cfg.resources),
+        torch_config=TorchConfig(backend="nccl" if _on_gpus(cfg.resources) else "gloo"),
         run_config=RunConfig(
             name=algo,
             storage_path=str(run_dir / "ray"),
@@ -176,20 +177,36 @@ def train(cfg: Config, algo: str) -> dict:
         "checkpoint": result.checkpoint.path if result.checkpoint else None,
         "model": str(run_dir / "model") if cfg.train.export else None,
         "num_workers": cfg.resources.num_workers,
+        "workers": read_workers(run_dir),  # rank, node id and start step of every worker start
         "deepspeed_stage": (cfg.deepspeed.zero_stage(cfg.resources.num_workers)
                             if cfg.deepspeed.enabled else None),
     }
     if algo == "reward" and cfg.reward.eval_data and cfg.train.export:  # held-out accuracy
         from nsft_ray.algorithms.reward import evaluate_reward_model
 
-        use_gpu = cfg.resources.use_gpu
+        res = cfg.resources
         task = ray.remote(evaluate_reward_model).options(
-            num_cpus=cfg.resources.cpus_per_worker, num_gpus=1 if use_gpu else 0)
+            num_cpus=res.cpus_per_worker,
+            **accelerator_options(res.accelerator, 1.0 if res.use_gpu else 0.0))
         summary["reward_eval"] = ray.get(task.remote(
             run_dir / "model", cfg.reward.eval_data, max_length=cfg.train.max_length,
-            batch_size=cfg.reward.eval_batch_size, device="cuda" if use_gpu else "cpu"))
+            batch_size=cfg.reward.eval_batch_size, device="cuda" if _on_gpus(res) else "cpu"))
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
+
+
+def _on_gpus(res: ResourcesConfig) -> bool:
+    return res.use_gpu and res.accelerator == "GPU"
+
+
+def _scaling(res: ResourcesConfig) -> ScalingConfig:
+    """One worker per accelerator; a non-GPU accelerator (a simulated cluster's custom
+    resource) is asked for by name and the workers train on CPU."""
+    per_worker = {"CPU": res.cpus_per_worker}
+    if res.use_gpu and not _on_gpus(res):
+        per_worker[res.accelerator] = 1.0
+    return ScalingConfig(num_workers=res.num_workers, use_gpu=_on_gpus(res),
+                         resources_per_worker=per_worker)
 
 
 def _ingest_options(preserve_order: bool) -> ray.data.ExecutionOptions:
@@ -265,6 +282,7 @@ def train_loop_per_worker(config: dict) -> None:
     if checkpoint:
         with checkpoint.as_directory() as d:
             state = TrainState(**engine.load(Path(d))["train_state"])
+    _record_worker(run_dir, rank, state.step)
 
     shard = ray.train.get_dataset_shard("train")  # (1) this worker's stream of rows
     collate = NumpyCollate(spec.collate(processor, cfg))
@@ -313,6 +331,21 @@ def train_loop_per_worker(config: dict) -> None:
                rank=rank)
     if writer:
         writer.close()
+
+
+def _record_worker(run_dir: Path, rank: int, step: int) -> None:
+    """Where this worker runs and the step it starts from, one line per worker start
+    (restarts included): summary.json's `workers`, and what a multi-node run is checked by."""
+    ctx = ray.get_runtime_context()
+    line = {"rank": rank, "node_id": ctx.get_node_id(), "pid": os.getpid(), "start_step": step,
+            "time": round(time.time(), 3)}
+    with (run_dir / WORKERS_FILE).open("a") as f:  # short appends: whole lines on one machine
+        f.write(json.dumps(line) + "\n")
+
+
+def read_workers(run_dir: Path) -> list[dict]:
+    path = run_dir / WORKERS_FILE
+    return [json.loads(x) for x in path.read_text().splitlines()] if path.exists() else []
 
 
 def export(spec, module: torch.nn.Module, processor, out: Path, *, zero3: bool,
