@@ -12,7 +12,7 @@ export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 export RAY_USAGE_STATS_ENABLED := 0
 
-.PHONY: install demo test lint bench clean
+.PHONY: install demo test test-all lint bench clean
 
 install: $(VENV)/.installed
 
@@ -29,7 +29,12 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 demo: install
 	$(VENV)/bin/nsft-ray demo --out runs/demo
 
+# CI's command: every test but the heavy ones (CI's budget is 30 minutes on 2 cores).
 test: install
+	$(PY) -m pytest -q -m "not gpu and not heavy" -p no:cacheprovider --durations=30
+
+# Everything that runs without a GPU, the heavy runs included (~30 min on 2 cores).
+test-all: install
 	$(PY) -m pytest -q -m "not gpu" -p no:cacheprovider --durations=30
 
 lint: install

@@ -35,6 +35,7 @@ def test_ratio_is_ours_over_trl_live_and_loss_check_pairs_repeats():
 
 
 @pytest.mark.slow
+@pytest.mark.heavy
 def test_quick_writes_ratios_with_tiny_settings(tmp_path):
     """Fails if --quick stops running both sides, or the JSON loses `ratios` or the loss check."""
     out = tmp_path / "dpo.json"

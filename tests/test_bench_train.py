@@ -41,6 +41,7 @@ RAY_KEYS = {
 
 @pytest.mark.ray
 @pytest.mark.slow
+@pytest.mark.heavy
 def test_bench_train_runs_every_method(tmp_path):
     out = tmp_path / "bench.json"
     proc = subprocess.run(
@@ -109,6 +110,7 @@ def test_bench_train_runs_every_method(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.heavy
 def test_bench_train_quick_compares_fast_nsft_with_trl(tmp_path):
     """--quick's path with tiny steps: fails if the fast options (frozen tower, cached features
     and encodings, packed rows) change what nsft trains (TRL's first loss, the trained tokens) or

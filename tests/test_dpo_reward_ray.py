@@ -71,6 +71,7 @@ def test_dpo_live_reference_trains_and_resumes(ray_local, assets):
     assert summary["steps"] == 5
 
 
+@pytest.mark.heavy
 def test_dpo_precomputed_reference_matches_live(ray_local, assets):
     from nsft_ray.ray_glue.dpo import with_reference_logps
     from nsft_ray.ray_glue.train import build_train_dataset, train

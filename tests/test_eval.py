@@ -489,6 +489,7 @@ if __name__ == "__main__":  # vLLM starts workers with spawn
 
 @pytest.mark.vllm
 @pytest.mark.slow
+@pytest.mark.heavy
 def test_vllm_logit_gap_matches_transformers(world_dir, tiny_model, tmp_path):
     """Fails if the vLLM answerer's score (prompt log-probabilities of the first yes and no
     tokens) is not the logit gap the HF forward computes."""

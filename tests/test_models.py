@@ -289,6 +289,7 @@ VLLM_SCRIPT = textwrap.dedent("""
 
 @pytest.mark.vllm
 @pytest.mark.slow
+@pytest.mark.heavy
 def test_vllm_cpu_greedy_matches_transformers(tmp_path):
     """On a briefly trained model (varied tokens, not one repeated), so the check has teeth."""
     pytest.importorskip("vllm")

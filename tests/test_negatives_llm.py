@@ -424,6 +424,7 @@ def test_transformers_backend_success_path(memorizing_llm):
 @pytest.mark.slow
 @pytest.mark.ray
 @pytest.mark.vllm
+@pytest.mark.heavy
 def test_vllm_backend_in_ray_data(memorizing_llm, ray_session):
     """Fails if vLLM's chat prompt, sampling or decoding breaks the reply the model gives, or if
     a row the constructor refuses is lost instead of quarantined."""

@@ -126,6 +126,7 @@ def test_sft_ddp_quarantines_trains_exports_and_resumes(ray_local, assets):
     assert _steps(assets / "sft") == [1, 2, 3, 4, 5]
 
 
+@pytest.mark.heavy
 def test_nsft_zero3_two_workers_survives_a_killed_worker(ray_local, assets):
     from nsft_ray.ray_glue.train import train
 
@@ -187,6 +188,7 @@ def _metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
+@pytest.mark.heavy
 def test_zero2_interrupted_run_resumes_with_the_uninterrupted_losses(ray_local, assets):
     """Two 2-worker ZeRO-2 runs of 4 steps with the same config and seed: A runs through; B's
     rank 0 dies in step 3, after the step-2 checkpoint, and Ray Train restarts the group from it
