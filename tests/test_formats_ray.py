@@ -26,8 +26,10 @@ def local_ray(ray_session):
     ("povid", write_povid, {"mismatch": "prompt_mismatch", "long": "multi_turn",
                             "no-image": "image_not_found", "not-turns": "wrong_type"}),
 ])
-def test_build_negatives_reads_the_published_layout(local_ray, tmp_path, fmt, write, bad):
-    """Fails if a layout is not registered with the Ray readers, or a bad row goes missing."""
+def test_build_negatives_reads_the_published_layout(local_ray, tmp_path, fmt, write, bad,
+                                                    capsys):
+    """Fails if a layout is not registered with the Ray readers, or a bad row goes missing, or
+    the console's counts differ from summary.json's (it once printed constructed as valid)."""
     path, out = write(tmp_path), tmp_path / "out"
     assert main(["build-negatives", "--input", str(path), "--out", str(out),
                  f"data.format={fmt}"]) == 0
@@ -36,6 +38,9 @@ def test_build_negatives_reads_the_published_layout(local_ray, tmp_path, fmt, wr
     assert summary["read"] == summary["constructed"] + summary["quarantined"]
     by_reason = summary["quarantined_by_stage"]["validate"]
     assert by_reason == {r: list(bad.values()).count(r) for r in bad.values()}
+    console = {line.split()[0]: int(line.split()[1]) for line in capsys.readouterr().out.splitlines()
+               if line.split()[:1] in (["read"], ["valid"], ["constructed"], ["quarantined"])}
+    assert console == {k: summary[k] for k in ("read", "valid", "constructed", "quarantined")}
     quarantine = pads.dataset(out / "quarantine.parquet").to_table().to_pylist()
     assert {q["id"]: q["reason"] for q in quarantine if q["stage"] == "validate"} == bad
     conversations = pads.dataset(out / "conversations").to_table().to_pylist()

@@ -27,7 +27,6 @@ from nsft_ray.ray_glue.data import (
     merge_quarantine,
     read_preferences,
     split_quarantine,
-    summarize,
     validate_dataset,
 )
 from nsft_ray.ray_glue.runtime import ensure_ray
@@ -99,12 +98,21 @@ def build_negatives(
     if summary["read"] != summary["constructed"] + summary["quarantined"]:
         raise RuntimeError(f"row accounting broken (read != constructed + quarantined): {summary}")
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
-    print(summarize({"read": summary["read"], "valid": summary["constructed"],
-                     "quarantined": summary["quarantined"],
-                     "by_reason": {**v_counts["by_reason"], **c_counts["by_reason"]}}))
+    print(_counts_table(summary))
     print(f"conversations: {summary['conversations']} negative, "
           f"{summary['chosen_conversations']} chosen  ({summary['seconds']} s)")
     return summary
+
+
+def _counts_table(summary: dict) -> str:
+    """read / valid / constructed / quarantined, then the reasons of each stage: a row that
+    passes validation can still yield no conversation (its reason is in the construct stage)."""
+    lines = [f"{key:<30}{summary[key]:>8}"
+             for key in ("read", "valid", "constructed", "quarantined")]
+    for stage, reasons in summary["quarantined_by_stage"].items():
+        for reason, n in sorted(reasons.items(), key=lambda kv: (-kv[1], kv[0])):
+            lines.append(f"  {stage + ': ' + reason:<28}{n:>8}")
+    return "\n".join(lines)
 
 
 def _origin_counts(batch: pa.Table) -> pa.Table:
