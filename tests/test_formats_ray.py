@@ -65,3 +65,23 @@ def test_ppo_prompts_from_a_published_layout(tmp_path):
     reasons = {b["id"]: b["reason"] for b in bad}
     assert reasons["no-image"].startswith("image_not_found: image: file ")
     assert reasons["vlfeedback-6"].startswith("malformed_json: vlfeedback.jsonl line 6")
+
+
+@pytest.mark.parametrize("fmt", ["trl", "vlfeedback", "hadpo"])
+def test_dpo_training_rows_from_a_published_layout(local_ray, tmp_path, fmt):
+    """Fails if the trainer's reader (dpo and the reward model train on preference rows) ignores
+    data.format, or its validation pass keeps or drops other rows than the local reader's."""
+    from test_formats import WRITERS, read, write_hadpo
+
+    from nsft_ray.config import load_config
+    from nsft_ray.ray_glue.train import build_train_dataset
+
+    path = (WRITERS.get(fmt) or write_hadpo)(tmp_path / "in" if fmt == "hadpo" else tmp_path)
+    cfg = load_config(None, [f"train.data=[{path}]", f"data.format={fmt}",
+                             f"run.dir={tmp_path / 'run'}", "train.shuffle=false",
+                             "data.validation.max_tokens=64", "data.validation.min_side=8"])
+    ds, counts = build_train_dataset(cfg, "dpo")
+    valid, bad = read(path, fmt)  # the local reader and validator: the oracle
+    assert sorted(r["id"] for r in ds.take_all()) == sorted(valid)
+    assert counts["read"] == len(valid) + len(bad) and counts["by_reason"] == {
+        r: list(bad.values()).count(r) for r in set(bad.values())}
