@@ -8,9 +8,11 @@ from nsft_ray.config import ResourcesConfig, RoleResources, RolesConfig
 from nsft_ray.ray_glue.placement import (
     PlacementError,
     check_resources,
+    on_gpus,
     ppo_plan,
     reserve,
     trainer_plan,
+    worker_options,
 )
 
 
@@ -89,3 +91,16 @@ def test_groups_that_cannot_be_placed_now_time_out_and_are_removed(local_ray):
         assert new and all(v["state"] == "REMOVED" for v in new.values())
     finally:
         first.remove()
+
+
+@pytest.mark.parametrize("use_gpu, accelerator, expected_device, expected_options", [
+    (False, "GPU", False, {"num_cpus": 2, "num_gpus": 0.0}),
+    (True, "GPU", True, {"num_cpus": 2, "num_gpus": 1.0}),
+    # a simulated cluster: the custom resource is reserved, the process computes on CPU
+    (True, "sim_gpu", False, {"num_cpus": 2, "resources": {"sim_gpu": 1.0}}),
+])
+def test_worker_options_and_device(use_gpu, accelerator, expected_device, expected_options):
+    """Fails if a simulated accelerator sends a worker to CUDA, or a worker asks for no GPU."""
+    res = ResourcesConfig(use_gpu=use_gpu, accelerator=accelerator, cpus_per_worker=2)
+    assert on_gpus(res) is expected_device
+    assert worker_options(res) == expected_options

@@ -19,7 +19,7 @@ import pyarrow as pa
 import ray
 
 from nsft_ray.config import Config, to_dict
-from nsft_ray.ray_glue.placement import accelerator_options
+from nsft_ray.ray_glue.placement import on_gpus, worker_options
 
 __all__ = ["ReferenceLogps", "with_reference_logps"]
 
@@ -65,14 +65,12 @@ def with_reference_logps(ds: ray.data.Dataset, cfg: Config, run_dir: Path) -> ra
             ReferenceLogps,
             fn_constructor_kwargs={"model_dir": cfg.model.name_or_path, "dtype": cfg.model.dtype,
                                    "max_length": cfg.train.max_length,
-                                   "device": ("cuda" if res.use_gpu and res.accelerator == "GPU"
-                                              else "cpu"),
+                                   "device": "cuda" if on_gpus(res) else "cpu",
                                    "shared_prefix": cfg.dpo.shared_prefix},
             batch_size=cfg.dpo.precompute_batch_size, batch_format="pyarrow",
             # The trainer's resources are free until it starts: one actor per future worker.
             compute=ray.data.ActorPoolStrategy(size=cfg.resources.num_workers),
-            num_cpus=cfg.resources.cpus_per_worker,
-            **accelerator_options(res.accelerator, 1.0 if res.use_gpu else 0.0),
+            **worker_options(res),
         ).write_parquet(str(tmp))
         written = ray.data.read_parquet(str(tmp)).count()
         if written != rows:

@@ -31,7 +31,8 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from nsft_ray.config import Config, ResourcesConfig, RoleResources, RolesConfig
 
 __all__ = ["PLANS", "PPO_ROLES", "GroupPlan", "Plan", "PlacementError", "Reservation",
-           "accelerator_options", "check_resources", "ppo_plan", "reserve", "trainer_plan"]
+           "accelerator_options", "check_resources", "on_gpus", "ppo_plan", "reserve",
+           "trainer_plan", "worker_options"]
 
 PPO_ROLES = ("actor", "critic", "reward", "reference", "rollout")
 Bundle = dict[str, float]
@@ -89,6 +90,19 @@ def accelerator_options(accelerator: str, amount: float) -> dict[str, Any]:
     if not amount:
         return {"num_gpus": 0.0}
     return {"num_gpus": amount} if accelerator == "GPU" else {"resources": {accelerator: amount}}
+
+
+def on_gpus(res: ResourcesConfig) -> bool:
+    """The trainers' processes compute on CUDA: they take accelerators and those are GPUs (a
+    simulated cluster's custom resource is only a reservation; its processes compute on CPU)."""
+    return res.use_gpu and res.accelerator == "GPU"
+
+
+def worker_options(res: ResourcesConfig) -> dict[str, Any]:
+    """Ray options for a task or actor that stands in for one training worker (DPO's reference
+    pass, the reward model's evaluation): its CPUs and its accelerator."""
+    return {"num_cpus": res.cpus_per_worker,
+            **accelerator_options(res.accelerator, 1.0 if res.use_gpu else 0.0)}
 
 
 def _bundle(r: RoleResources, accelerator: str = "GPU") -> Bundle:

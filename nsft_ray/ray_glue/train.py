@@ -58,7 +58,7 @@ from nsft_ray.ray_glue.data import (
     read_preferences,
     validate_dataset,
 )
-from nsft_ray.ray_glue.placement import accelerator_options
+from nsft_ray.ray_glue.placement import on_gpus, worker_options
 from nsft_ray.ray_glue.runtime import TRAIN_LOGGING, ensure_ray, quiet_train_reports, step_bar
 from nsft_ray.validate import QuarantineCounts, summarize
 
@@ -146,7 +146,7 @@ def train(cfg: Config, algo: str) -> dict:
         train_loop_config={"cfg": to_dict(cfg), "algo": algo, "total_steps": total_steps,
                            "run_dir": str(run_dir)},
         scaling_config=_scaling(cfg.resources),
-        torch_config=TorchConfig(backend="nccl" if _on_gpus(cfg.resources) else "gloo"),
+        torch_config=TorchConfig(backend="nccl" if on_gpus(cfg.resources) else "gloo"),
         run_config=RunConfig(
             name=algo,
             storage_path=str(run_dir / "ray"),
@@ -185,27 +185,21 @@ def train(cfg: Config, algo: str) -> dict:
         from nsft_ray.algorithms.reward import evaluate_reward_model
 
         res = cfg.resources
-        task = ray.remote(evaluate_reward_model).options(
-            num_cpus=res.cpus_per_worker,
-            **accelerator_options(res.accelerator, 1.0 if res.use_gpu else 0.0))
+        task = ray.remote(evaluate_reward_model).options(**worker_options(res))
         summary["reward_eval"] = ray.get(task.remote(
             run_dir / "model", cfg.reward.eval_data, max_length=cfg.train.max_length,
-            batch_size=cfg.reward.eval_batch_size, device="cuda" if _on_gpus(res) else "cpu"))
+            batch_size=cfg.reward.eval_batch_size, device="cuda" if on_gpus(res) else "cpu"))
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
-
-
-def _on_gpus(res: ResourcesConfig) -> bool:
-    return res.use_gpu and res.accelerator == "GPU"
 
 
 def _scaling(res: ResourcesConfig) -> ScalingConfig:
     """One worker per accelerator; a non-GPU accelerator (a simulated cluster's custom
     resource) is asked for by name and the workers train on CPU."""
     per_worker = {"CPU": res.cpus_per_worker}
-    if res.use_gpu and not _on_gpus(res):
+    if res.use_gpu and not on_gpus(res):
         per_worker[res.accelerator] = 1.0
-    return ScalingConfig(num_workers=res.num_workers, use_gpu=_on_gpus(res),
+    return ScalingConfig(num_workers=res.num_workers, use_gpu=on_gpus(res),
                          resources_per_worker=per_worker)
 
 
