@@ -58,3 +58,28 @@ def ray_session():
     ensure_ray(num_cpus=8)
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def train_assets(tmp_path_factory):
+    """What the Ray Train and cluster tests train from, built once per session: a tiny ShapesWorld
+    (24 train and 6 eval images), a tiny VLM base/ trained tokenizer and all, a value-head reward
+    model rm/ on that base, and the nSFT conversations of the world's train pairs nsft.parquet."""
+    import pyarrow.parquet as pq
+
+    from nsft_ray.config import Config, WorldConfig
+    from nsft_ray.models import VLMWithValueHead, build_tiny_vlm, load_vlm, save_value_model
+    from nsft_ray.negatives.pipeline import construct_rows
+    from nsft_ray.schema import conversation_table
+    from nsft_ray.world import corpus, write_world
+
+    root = tmp_path_factory.mktemp("train_assets")
+    wcfg = WorldConfig(n_train=24, n_eval=6, max_objects=3)
+    write_world(wcfg, root / "world", seed=0)
+    build_tiny_vlm(root / "base", corpus(wcfg, n=200, seed=0))
+    base, processor = load_vlm(root / "base")
+    save_value_model(VLMWithValueHead(base), root / "rm", processor)
+    prefs = pq.read_table(root / "world" / "pref_train.parquet").to_pylist()
+    conversations, _ = construct_rows(prefs, Config().negatives)
+    pq.write_table(conversation_table(conversations), root / "nsft.parquet")
+    return root

@@ -21,12 +21,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from nsft_ray.config import Config, WorldConfig
-from nsft_ray.models import VLMWithValueHead, build_tiny_vlm, load_vlm, save_value_model
-from nsft_ray.negatives.pipeline import construct_rows
 from nsft_ray.ray_glue.simcluster import SimulatedCluster
-from nsft_ray.schema import conversation_table
-from nsft_ray.world import corpus, write_world
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow]
 
@@ -36,17 +31,8 @@ ON_ACCELERATORS = ["resources.accelerator=accelerator", "resources.autoscaling=t
 
 
 @pytest.fixture(scope="module")
-def assets(tmp_path_factory):
-    root = tmp_path_factory.mktemp("cluster")
-    wcfg = WorldConfig(n_train=24, n_eval=4, max_objects=3)
-    write_world(wcfg, root / "world", seed=0)
-    build_tiny_vlm(root / "base", corpus(wcfg, n=200, seed=0))
-    base, processor = load_vlm(root / "base")
-    save_value_model(VLMWithValueHead(base), root / "rm", processor)
-    prefs = pq.read_table(root / "world" / "pref_train.parquet").to_pylist()
-    conversations, _ = construct_rows(prefs, Config().negatives)
-    pq.write_table(conversation_table(conversations), root / "nsft.parquet")
-    return root
+def assets(train_assets):  # conftest.py: a tiny world, base VLM, reward model and nSFT rows
+    return train_assets
 
 
 @pytest.fixture(scope="module")

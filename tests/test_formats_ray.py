@@ -38,8 +38,9 @@ def test_build_negatives_reads_the_published_layout(local_ray, tmp_path, fmt, wr
     assert summary["read"] == summary["constructed"] + summary["quarantined"]
     by_reason = summary["quarantined_by_stage"]["validate"]
     assert by_reason == {r: list(bad.values()).count(r) for r in bad.values()}
-    console = {line.split()[0]: int(line.split()[1]) for line in capsys.readouterr().out.splitlines()
-               if line.split()[:1] in (["read"], ["valid"], ["constructed"], ["quarantined"])}
+    words = [line.split() for line in capsys.readouterr().out.splitlines()]
+    console = {w[0]: int(w[1]) for w in words
+               if w[:1] in (["read"], ["valid"], ["constructed"], ["quarantined"])}
     assert console == {k: summary[k] for k in ("read", "valid", "constructed", "quarantined")}
     quarantine = pads.dataset(out / "quarantine.parquet").to_table().to_pylist()
     assert {q["id"]: q["reason"] for q in quarantine if q["stage"] == "validate"} == bad

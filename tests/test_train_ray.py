@@ -20,11 +20,9 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from nsft_ray.config import Config, WorldConfig, load_config
-from nsft_ray.models import build_tiny_vlm, generate, load_vlm
-from nsft_ray.negatives.pipeline import construct_rows
+from nsft_ray.config import Config, load_config
+from nsft_ray.models import generate, load_vlm
 from nsft_ray.schema import QUARANTINE_SCHEMA, conversation_table, loads_meta
-from nsft_ray.world import corpus, write_world
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
@@ -35,15 +33,8 @@ def ray_local(ray_session):
 
 
 @pytest.fixture(scope="module")
-def assets(tmp_path_factory):
-    root = tmp_path_factory.mktemp("train")
-    wcfg = WorldConfig(n_train=24, n_eval=6, max_objects=3)
-    write_world(wcfg, root / "world", seed=0)
-    build_tiny_vlm(root / "base", corpus(wcfg, n=200, seed=0))
-    prefs = pq.read_table(root / "world" / "pref_train.parquet").to_pylist()
-    conversations, _failures = construct_rows(prefs, Config().negatives)
-    pq.write_table(conversation_table(conversations), root / "nsft.parquet")
-    return root
+def assets(train_assets):  # conftest.py: a tiny world, base VLM, reward model and nSFT rows
+    return train_assets
 
 
 def _cfg(assets: Path, run: str, *overrides: str) -> Config:
