@@ -512,6 +512,8 @@ class PlanConfig:
     hidden_size: int = 0  # 0: unknown (activations and KV cache are not estimated)
     num_layers: int = 0
     kv_dim: int = 0  # num_key_value_heads * head_dim per layer (grouped-query attention); 0: hidden
+    intermediate_size: int = 0  # the MLP's width (LLaVA-1.5-7B: 11008); 0: 4 * hidden_size
+    num_heads: int = 0  # attention heads (LLaVA-1.5-7B: 32); 0: unknown (small terms left out)
     vocab_size: int = 0  # 0: unknown (logits are not counted in the activations)
     image_tokens: int = 0  # LM tokens per image (LLaVA-1.5: 576); 0: unknown
     max_workers: int = 0  # caps every node type's max_workers; 0: cluster.yaml's own

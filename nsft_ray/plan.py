@@ -30,7 +30,8 @@ from nsft_ray.config import Config, PlanConfig
 __all__ = ["GiB", "INSTANCES", "Memory", "ModelShape", "NodeType", "Placement", "PlanRefused",
            "RolePlan", "format_method", "format_nodes", "format_shape", "kv_cache_bytes",
            "lm_activation_bytes", "logits_bytes", "method_roles", "model_shape", "model_states",
-           "node_types", "place", "zero_buffer_bytes"]
+           "inference_bytes", "node_types", "place", "vision_activation_bytes",
+           "zero_buffer_bytes"]
 
 GiB = 2**30
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
@@ -53,11 +54,15 @@ class ModelShape:
     hidden: int = 0
     layers: int = 0
     kv_dim: int = 0  # num_key_value_heads * head_dim of one layer
+    ffn: int = 0  # the MLP's intermediate size; 0: unknown, taken as 4 * hidden (an upper bound)
+    heads: int = 0  # attention heads (and head_dim = hidden // heads); 0: unknown
     vocab: int = 0
     image_tokens: int = 0  # LM positions one image takes
     vision_hidden: int = 0
     vision_layers: int = 0
     vision_tokens: int = 0  # patches per image inside the vision tower
+    vision_ffn: int = 0
+    vision_heads: int = 0
     vision_trained: bool = True  # False: the tower is frozen, so autograd keeps none of its inputs
     source: str = ""
 
@@ -75,7 +80,8 @@ def model_shape(name_or_path: str, freeze: tuple[str, ...], plan: PlanConfig) ->
     return ModelShape(
         parameters=plan.num_parameters, trainable=plan.num_parameters, lm_head=lm_head,
         hidden=plan.hidden_size, layers=plan.num_layers,
-        kv_dim=plan.kv_dim or plan.hidden_size, vocab=plan.vocab_size,
+        kv_dim=plan.kv_dim or plan.hidden_size, ffn=plan.intermediate_size,
+        heads=plan.num_heads, vocab=plan.vocab_size,
         image_tokens=plan.image_tokens,
         source=f"plan.num_parameters (no config.json for {name_or_path or 'the model'} here)")
 
@@ -104,9 +110,12 @@ def shape_from_folder(path: str, freeze: tuple[str, ...]) -> ModelShape:
         lm_head=sum(p.numel() for p in head.parameters()) if head is not None else 0,
         hidden=text.hidden_size, layers=text.num_hidden_layers,
         kv_dim=(getattr(text, "num_key_value_heads", None) or heads) * head_dim,
+        ffn=text.intermediate_size, heads=heads,
         vocab=text.vocab_size, image_tokens=_image_tokens(config, patches),
         vision_hidden=getattr(vision, "hidden_size", 0) or 0,
         vision_layers=getattr(vision, "num_hidden_layers", 0) or 0,
+        vision_ffn=getattr(vision, "intermediate_size", 0) or 0,
+        vision_heads=getattr(vision, "num_attention_heads", 0) or 0,
         vision_tokens=patches, vision_trained="vision" not in freeze,
         source=f"{path}/config.json ({config.model_type}, counted on the meta device)")
 
@@ -139,14 +148,22 @@ class Memory:
     kv_cache: int = 0
     buffers: int = 0  # ZeRO's gradient buckets and the parameters ZeRO-3 gathers on the fly
     host: int = 0  # offloaded states, and the weights while they load
+    # Gradient accumulation: the gradients of earlier micro-batches stay through the next forward.
+    accumulating: bool = False
 
     def device(self) -> int:
-        return (self.parameters + self.gradients + self.optimizer + self.activations
-                + self.kv_cache + self.buffers)
+        """The peak on the accelerator. Gradients and activations are not at their peaks
+        together: backward frees each layer's activations as it makes that layer's gradients,
+        and the optimizer step comes after backward; so the larger of the two, unless gradients
+        accumulate over micro-batches (measured: benchmarks/bench_plan.py)."""
+        working = (self.gradients + self.activations if self.accumulating
+                   else max(self.gradients, self.activations))
+        return self.parameters + self.optimizer + self.kv_cache + self.buffers + working
 
     def __add__(self, other: Memory) -> Memory:
         return Memory(**{f.name: getattr(self, f.name) + getattr(other, f.name)
-                         for f in fields(self)})
+                         for f in fields(self) if f.name != "accumulating"},
+                      accumulating=self.accumulating or other.accumulating)
 
 
 def _share(count: int, ranks: int) -> int:
@@ -213,17 +230,46 @@ def zero_buffer_bytes(stage: int, parameters: int, trainable: int, *, grad_bytes
     return out
 
 
-def lm_activation_bytes(sequences: int, seq_len: int, hidden: int, layers: int,
-                        act_bytes: int) -> int:
-    """Activations a transformer keeps for backward over one micro-batch.
+def lm_activation_bytes(sequences: int, seq_len: int, shape: ModelShape, act_bytes: int) -> int:
+    """What autograd keeps for backward in the language model's layers over one micro-batch.
 
-    Korthikanti et al. 2022 (arXiv:2205.05198, §4.1, eq. 2): one layer keeps s·b·h·(34 + 5as/h)
-    bytes of 16-bit activations; fused attention (SDPA / FlashAttention, transformers' default on
-    GPU) keeps no a·s² score matrix, leaving 34·s·b·h. 32-bit activations double it. An
-    estimate: Llama's SwiGLU MLP and HF's fp32 RMSNorm keep somewhat more than the GPT layer the
-    34 was counted on. Without gradient checkpointing (this project has none).
+    Counted from transformers' LlamaDecoderLayer with SDPA attention (no gradient
+    checkpointing: this project has none). Per token and layer, in the activation dtype:
+    8h + 2·kv + 4f + 2·head_dim values: both RMSNorms' inputs and outputs (4h), q and the
+    attention output twice (SDPA's saved output and o_proj's input, 3h), k and v (2·kv), RoPE's
+    cos and sin (2·head_dim), and the MLP's gate, SiLU(gate), up and their product (4f); plus
+    4 bytes per head (SDPA's float32 log-sum-exp) and, in 16-bit, 6h bytes of the float32 copies
+    RMSNorm makes. Checked against torch's MemTracker on CPU for five layer shapes (h 128-512,
+    grouped-query attention, float32 and bfloat16; tests/test_plan.py and
+    benchmarks/bench_plan.py). Unknown sizes fall back to f = 4h and no head terms.
     """
-    return int(34 * seq_len * sequences * hidden * layers * act_bytes / 2)
+    h, f = shape.hidden, shape.ffn or 4 * shape.hidden
+    head_dim = h // shape.heads if shape.heads else 0
+    per_token = ((8 * h + 2 * (shape.kv_dim or h) + 4 * f + 2 * head_dim) * act_bytes
+                 + 4 * shape.heads + (6 * h if act_bytes < 4 else 0))
+    return sequences * seq_len * shape.layers * per_token
+
+
+def vision_activation_bytes(images: int, shape: ModelShape, act_bytes: int) -> int:
+    """What autograd keeps in a trained SigLIP/CLIP-style vision tower for `images` images.
+
+    Per patch and layer: 8h + 2f values (both LayerNorms' inputs and outputs, q, k, v, the
+    attention output twice, the MLP's first projection and its GELU) plus 4 bytes per head
+    (SDPA's log-sum-exp); per patch once, h values of the embeddings. Checked like
+    `lm_activation_bytes` on the tiny and small Idefics3 towers.
+    """
+    h, f = shape.vision_hidden, shape.vision_ffn or 4 * shape.vision_hidden
+    per_layer = (8 * h + 2 * f) * act_bytes + 4 * shape.vision_heads
+    return images * shape.vision_tokens * (shape.vision_layers * per_layer + h * act_bytes)
+
+
+def inference_bytes(sequences: int, seq_len: int, shape: ModelShape, act_bytes: int) -> int:
+    """A no-grad forward's working tensors (a frozen reference, a reward model, log-prob and
+    value passes): one layer's at a time, at most its MLP's SiLU(gate), up and their product (3f)
+    beside the residual stream, the norm output, the attention output and o_proj's output (4h)
+    per token. The KV cache is off in these passes (algorithms/sft.model_inputs)."""
+    f = shape.ffn or 4 * shape.hidden
+    return sequences * seq_len * (3 * f + 4 * shape.hidden) * act_bytes
 
 
 def logits_bytes(sequences: int, positions: int, vocab: int, logit_bytes: int, *,
@@ -259,8 +305,7 @@ class RolePlan:
 def _vision_activations(shape: ModelShape, images: int, act_bytes: int) -> int:
     if not shape.vision_trained:
         return 0  # a frozen tower fed by pixels: nothing in it needs a gradient
-    return lm_activation_bytes(images, shape.vision_tokens, shape.vision_hidden,
-                               shape.vision_layers, act_bytes)
+    return vision_activation_bytes(images, shape, act_bytes)
 
 
 def trainer_roles(algo: str, cfg: Config, shape: ModelShape) -> dict[str, RolePlan]:
@@ -281,7 +326,7 @@ def trainer_roles(algo: str, cfg: Config, shape: ModelShape) -> dict[str, RolePl
                           offload_optimizer=ds.enabled and ds.offload_optimizer)
     # Preference rows stack chosen and rejected: 2B sequences per micro-batch of B pairs.
     seqs = train.micro_batch_size * (2 if algo in ("dpo", "reward") else 1)
-    act = (lm_activation_bytes(seqs, train.max_length, shape.hidden, shape.layers, work)
+    act = (lm_activation_bytes(seqs, train.max_length, shape, work)
            + _vision_activations(shape, seqs, work))
     if algo != "reward":  # the reward model scores hidden states; it never computes logits
         act += logits_bytes(seqs, train.max_length, shape.vocab, work, grad=True)
@@ -289,7 +334,7 @@ def trainer_roles(algo: str, cfg: Config, shape: ModelShape) -> dict[str, RolePl
     engine = f"{f'ZeRO-{stage}' if ds.enabled else 'DDP'}, {per_param} bytes/param"
     if states.host:
         engine += ", optimizer offloaded to CPU"
-    main = replace(states, activations=act,
+    main = replace(states, activations=act, accumulating=train.grad_accum > 1,
                    buffers=zero_buffer_bytes(stage, params, trainable, grad_bytes=work,
                                              on_gpu=res.use_gpu),
                    host=states.host + params * p)  # load_vlm builds the model in host memory
@@ -298,7 +343,8 @@ def trainer_roles(algo: str, cfg: Config, shape: ModelShape) -> dict[str, RolePl
     if (algo == "dpo" and not cfg.dpo.precompute_ref) or (algo == "nsft" and cfg.nsft.kl_coef):
         # algorithms.frozen_copy: a whole copy in model.dtype per worker, never partitioned.
         ref = Memory(parameters=shape.parameters * p,
-                     activations=logits_bytes(seqs, train.max_length, shape.vocab, p, grad=False))
+                     activations=logits_bytes(seqs, train.max_length, shape.vocab, p, grad=False)
+                     + inference_bytes(seqs, train.max_length, shape, p))
         roles["reference"] = RolePlan("trainer", n, ref, "frozen copy in every worker")
     return roles
 
@@ -317,15 +363,20 @@ def ppo_roles(cfg: Config, shape: ModelShape) -> dict[str, RolePlan]:
         return _share(rollout, getattr(roles, role).num_actors)
 
     mini = ppo.mini_batch_size
-    lm = lm_activation_bytes(mini, seq_len, shape.hidden, shape.layers, p)
+    lm = lm_activation_bytes(mini, seq_len, shape, p)
     head = shape.hidden + 1  # the value head: float32 parameters, gradients and Adam moments
     head_mem = Memory(parameters=4 * head, gradients=4 * head, optimizer=8 * head)
     states = model_states(shape.parameters, shape.trainable, param_bytes=p, mixed=False,
                           stage=0, workers=1)
     load = Memory(host=shape.parameters * p)  # load_vlm builds each model in host memory first
+    def scoring(role: str, logits: bool) -> int:  # a role's no-grad pass over its sequences
+        n = scored(role)
+        return inference_bytes(n, seq_len, shape, p) + (
+            logits_bytes(n, resp, shape.vocab, p, grad=False) if logits else 0)
+
     actor_act = max(lm + _vision_activations(shape, mini, p)
                     + logits_bytes(mini, resp, shape.vocab, p, grad=True),
-                    logits_bytes(scored("actor"), resp, shape.vocab, p, grad=False))
+                    scoring("actor", logits=True))
     # The critic trains every parameter (model.freeze is the policy's); gradients and moments are
     # counted for all of them, an upper bound where its LM head gets no gradient.
     critic = model_states(shape.parameters, shape.parameters, param_bytes=p, mixed=False,
@@ -335,17 +386,18 @@ def ppo_roles(cfg: Config, shape: ModelShape) -> dict[str, RolePlan]:
             states + load, activations=actor_act), f"AdamW in {cfg.model.dtype}, mini-batch "
             f"{mini} x {seq_len}"),
         "critic": RolePlan("critic", roles.critic.num_actors, replace(
-            critic + load, activations=lm + _vision_activations(
-                replace(shape, vision_trained=True), mini, p)),
+            critic + load, activations=max(lm + _vision_activations(
+                replace(shape, vision_trained=True), mini, p), scoring("critic", logits=False))),
             f"value model, AdamW in {cfg.model.dtype}"),
         "reference": RolePlan("reference", roles.reference.num_actors, Memory(
             parameters=shape.parameters * p, host=shape.parameters * p,
-            activations=logits_bytes(scored("reference"), resp, shape.vocab, p, grad=False)),
+            activations=scoring("reference", logits=True)),
             "frozen"),
     }
     reward = Memory() if ppo.reward == "rules" else Memory(
         parameters=shape.parameters * p + 4 * head, host=shape.parameters * p,
-        activations=scored("reward") * seq_len * shape.hidden * p)  # last hidden states
+        # the last hidden states beside the pass's working tensors
+        activations=scored("reward") * seq_len * shape.hidden * p + scoring("reward", False))
     out["reward"] = RolePlan("reward", roles.reward.num_actors, reward,
                              "rules (no model)" if ppo.reward == "rules" else "frozen value model")
     out["rollout"] = _rollout(cfg, shape, _share(rollout, roles.rollout.num_actors), seq_len)

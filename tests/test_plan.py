@@ -16,6 +16,7 @@ from nsft_ray.config import PlanConfig, load_config
 from nsft_ray.plan import (
     GiB,
     Memory,
+    ModelShape,
     PlanRefused,
     kv_cache_bytes,
     lm_activation_bytes,
@@ -25,6 +26,7 @@ from nsft_ray.plan import (
     model_states,
     node_types,
     place,
+    vision_activation_bytes,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -89,10 +91,22 @@ def test_kv_cache_by_hand():
 
 
 def test_activation_and_logit_formulas_by_hand():
-    """Korthikanti et al.: 34·s·b·h bytes per layer in 16 bit; s=2048, b=1, h=4096, 32 layers:
-    34 x 2048 x 4096 x 32 = 9,126,805,504. Logits with gradients: bf16 plus a float32 copy."""
-    assert lm_activation_bytes(1, 2048, 4096, 32, act_bytes=2) == 9_126_805_504
-    assert lm_activation_bytes(1, 2048, 4096, 32, act_bytes=4) == 2 * 9_126_805_504
+    """LLaVA-1.5-7B's LM (h 4096, f 11008, 32 heads of 128, no GQA), s=2048, b=1, 32 layers.
+    Values per token and layer: 8·4096 + 2·4096 + 4·11008 + 2·128 = 85,248; in bf16
+    85,248·2 + 4·32 + 6·4096 = 195,200 bytes, so 2048 x 32 x 195,200 = 12,792,627,200; in
+    float32 85,248·4 + 128 = 341,120. Logits with gradients: bf16 plus a float32 copy."""
+    shape = ModelShape(parameters=1, trainable=1, hidden=4096, layers=32, kv_dim=4096,
+                       ffn=11008, heads=32)
+    assert lm_activation_bytes(1, 2048, shape, act_bytes=2) == 12_792_627_200
+    assert lm_activation_bytes(1, 2048, shape, act_bytes=4) == 2048 * 32 * 341_120
+    # Unknown MLP width and heads: f = 4h, no head terms: (10h + 16h)·4 per token and layer.
+    bare = ModelShape(parameters=1, trainable=1, hidden=64, layers=2)
+    assert lm_activation_bytes(3, 5, bare, act_bytes=4) == 3 * 5 * 2 * 26 * 64 * 4
+    # A ViT-L-sized tower: 576 patches, h 1024, f 4096, 24 layers, 16 heads; per patch
+    # (8·1024 + 2·4096)·2 = 32,768 bytes per layer + 4·16, and 1024·2 for the embeddings.
+    vit = ModelShape(parameters=1, trainable=1, vision_hidden=1024, vision_layers=24,
+                     vision_tokens=576, vision_ffn=4096, vision_heads=16)
+    assert vision_activation_bytes(2, vit, 2) == 2 * 576 * (24 * (32_768 + 64) + 2048)
     assert logits_bytes(2, 10, 100, 2, grad=True) == 2 * 10 * 100 * (2 + 4)
     assert logits_bytes(2, 10, 100, 4, grad=True) == 2 * 10 * 100 * 4
     assert logits_bytes(2, 10, 100, 2, grad=False) == 2 * 10 * 100 * 2

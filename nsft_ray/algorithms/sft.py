@@ -32,12 +32,16 @@ def model_inputs(batch: Batch) -> dict[str, Any]:
     transformers' masking_utils finds the sequence boundaries from position_ids restarting at 0
     only when the 2D mask is None and there is no KV cache. Cached image features
     (image_features.ImageFeatureCache) arrive as `mm_encoder_outputs` instead of pixels.
+
+    No KV cache either way: nothing decodes after a scoring pass, and under no_grad (a frozen
+    reference) the cache would keep every layer's keys and values alive until the output is
+    dropped (B·T·2·kv·layers values; measured by benchmarks/bench_plan.py).
     """
     inputs: dict[str, Any] = {k: v for k, v in batch.items()
                               if k not in NON_MODEL_KEYS and isinstance(v, Tensor)}
+    inputs["use_cache"] = False
     if "position_ids" in inputs:
         inputs.pop("attention_mask", None)
-        inputs["use_cache"] = False
     if "mm_encoder_outputs" in batch:
         inputs["mm_encoder_outputs"] = batch["mm_encoder_outputs"]
     return inputs
