@@ -21,7 +21,7 @@ _PUBLIC = {
     "write_world": "nsft_ray.world",
     "build_tiny_vlm": "nsft_ray.models",
     "load_vlm": "nsft_ray.models",
-    "generate": "nsft_ray.models",
+    "generate": "nsft_ray.generation",
     "construct_rows": "nsft_ray.negatives.pipeline",
     "ALGORITHMS": "nsft_ray.algorithms",
     "fit": "nsft_ray.loop",

@@ -25,7 +25,7 @@ from PIL import Image
 from torch import Tensor
 from transformers import ProcessorMixin
 
-from nsft_ray.schema import ROLES
+from nsft_ray.generation import pad_token_id, to_chat
 
 __all__ = [
     "IGNORE_INDEX",
@@ -34,9 +34,7 @@ __all__ = [
     "pad_values",
     "decode_image",
     "encode_conversation",
-    "encode_prompt",
     "rows_from_batch",
-    "to_chat",
 ]
 
 IGNORE_INDEX = -100
@@ -49,28 +47,6 @@ def decode_image(data: bytes | Image.Image) -> Image.Image:
     if isinstance(data, Image.Image):
         return data.convert("RGB")
     return Image.open(io.BytesIO(bytes(data))).convert("RGB")
-
-
-def to_chat(image: Image.Image, messages: Sequence[Mapping[str, Any]]) -> list[dict]:
-    """Schema messages -> the processor's chat format, the image first in the first user turn.
-
-    Roles must alternate user, assistant, user, ... starting with user.
-    """
-    if not messages:
-        raise ValueError("messages is empty; expected user/assistant turns")
-    chat = []
-    for i, m in enumerate(messages):
-        role, content = str(m["role"]), str(m["content"])
-        expected = ROLES[i % 2]
-        if role != expected:
-            raise ValueError(
-                f"messages[{i}].role={role!r}: expected {expected!r} (turns alternate)"
-            )
-        parts: list[dict] = [{"type": "text", "text": content}]
-        if i == 0:
-            parts.insert(0, {"type": "image", "image": image})
-        chat.append({"role": role, "content": parts})
-    return chat
 
 
 def encode_conversation(
@@ -150,19 +126,6 @@ def _assistant_mask_by_prefixes(
     return mask
 
 
-def encode_prompt(
-    processor: ProcessorMixin, images: Sequence[Image.Image], prompts: Sequence[str]
-) -> dict[str, Tensor]:
-    """(image, prompt) pairs -> left-padded generation inputs ending in the assistant header."""
-    chats = [to_chat(image, [{"role": "user", "content": p}])
-             for image, p in zip(images, prompts, strict=True)]
-    enc = processor.apply_chat_template(
-        chats, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt",
-        processor_kwargs={"padding": True, "padding_side": "left"},
-    )
-    return dict(enc)
-
-
 def rows_from_batch(batch: Sequence[Mapping[str, Any]] | Mapping[str, Sequence]) -> list[dict]:
     """A list of rows, or a dict of columns (Ray Data `iter_batches`), -> a list of row dicts."""
     if isinstance(batch, Mapping):
@@ -173,12 +136,8 @@ def rows_from_batch(batch: Sequence[Mapping[str, Any]] | Mapping[str, Sequence])
 
 def pad_values(processor: ProcessorMixin) -> dict[str, int]:
     """What right padding fills in: the pad (or eos) id, attention 0, and no label."""
-    tokenizer = processor.tokenizer
-    pad = tokenizer.pad_token_id
-    pad = tokenizer.eos_token_id if pad is None else pad
-    if pad is None:
-        raise ValueError("the tokenizer has neither pad_token nor eos_token to pad with")
-    return {"input_ids": pad, "attention_mask": 0, "labels": IGNORE_INDEX}
+    return {"input_ids": pad_token_id(processor.tokenizer), "attention_mask": 0,
+            "labels": IGNORE_INDEX}
 
 
 class Collator:

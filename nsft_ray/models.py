@@ -1,9 +1,8 @@
 """Vision-language models: load any Hugging Face image-text-to-text VLM, build tiny ones offline,
-generate answers, and wrap a VLM with a value head (reward model, PPO critic).
+and wrap a VLM with a value head (reward model, PPO critic). Generation is nsft_ray/generation.py.
 
     path = build_tiny_vlm("runs/tiny_vlm", corpus)   # Idefics3-style, ~1.6M parameters
     model, processor = load_vlm(path)
-    answers = generate(model, processor, [image], ["Describe the picture."])   # [["A plain ..."]]
 
 Everything loads through AutoModelForImageTextToText / AutoProcessor, the same path real
 checkpoints (llava-hf, Idefics3/SmolVLM, Qwen2-VL) take, so the tiny models exercise the real code.
@@ -11,13 +10,11 @@ checkpoints (llava-hf, Idefics3/SmolVLM, Qwen2-VL) take, so the tiny models exer
 
 from __future__ import annotations
 
-import itertools
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
-from PIL import Image
 from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer, decoders, pre_tokenizers, trainers
 from tokenizers.models import BPE
@@ -42,8 +39,6 @@ from transformers import (
 )
 from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
 
-from nsft_ray.collate import encode_prompt
-
 __all__ = [
     "CHAT_TEMPLATE",
     "FREEZABLE",
@@ -52,8 +47,6 @@ __all__ = [
     "VALUE_HEAD_FILE",
     "build_tiny_vlm",
     "load_vlm",
-    "generate",
-    "make_sampler",
     "to_model_inputs",
     "param_count",
     "ValueHead",
@@ -333,58 +326,6 @@ def param_count(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-@torch.no_grad()
-def generate(
-    model: PreTrainedModel,
-    processor: ProcessorMixin,
-    images: list[Image.Image],
-    prompts: list[str],
-    *,
-    max_new_tokens: int = 48,
-    do_sample: bool = False,
-    temperature: float = 1.0,
-    top_p: float = 1.0,
-    num_return_sequences: int = 1,
-    seed: int | None = None,
-) -> list[list[str]]:
-    """Answer each (image, prompt) as one user turn: `num_return_sequences` answers per prompt.
-
-    Prompts are left-padded into one batch; answers are decoded without special tokens, stripped.
-    """
-    if len(images) != len(prompts):
-        raise ValueError(f"got {len(images)} images but {len(prompts)} prompts; expected one each")
-    if num_return_sequences > 1 and not do_sample:
-        raise ValueError("num_return_sequences > 1 needs do_sample=True (greedy answers are equal)")
-    if do_sample and temperature <= 0:
-        raise ValueError(f"temperature={temperature}: expected > 0 when sampling")
-    if not prompts:
-        return []
-    tokenizer = processor.tokenizer
-    inputs = to_model_inputs(encode_prompt(processor, images, prompts), model)
-    # Every sampling knob explicit: generate() fills unset (None) fields from the checkpoint's
-    # generation_config, whose top_k=50 or repetition_penalty would change what "greedy" or
-    # "temperature 1" means here. Stop at the tokenizer's eos and any the checkpoint lists.
-    eos = model.generation_config.eos_token_id
-    eos = sorted({tokenizer.eos_token_id, *(eos if isinstance(eos, list) else [eos])} - {None})
-    config = GenerationConfig(
-        max_new_tokens=max_new_tokens,
-        do_sample=do_sample,
-        temperature=temperature if do_sample else 1.0,
-        top_p=top_p if do_sample else 1.0,
-        top_k=0 if do_sample else None,  # 0: no top-k cut; greedy ignores it
-        repetition_penalty=1.0,
-        num_return_sequences=num_return_sequences,
-        eos_token_id=eos,
-        pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0],
-    )
-    if seed is not None:
-        torch.manual_seed(seed)
-    out = model.generate(**inputs, generation_config=config)  # (B * k, T_prompt + T_new)
-    texts = tokenizer.batch_decode(out[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
-    k = num_return_sequences
-    return [[t.strip() for t in texts[i * k:(i + 1) * k]] for i in range(len(prompts))]
-
-
 def to_model_inputs(batch: dict[str, Tensor], model: nn.Module) -> dict[str, Tensor]:
     """Move a batch to the model's device; floating tensors (pixels) take the model's dtype."""
     param = next(model.parameters())
@@ -392,38 +333,6 @@ def to_model_inputs(batch: dict[str, Tensor], model: nn.Module) -> dict[str, Ten
         k: v.to(param.device, param.dtype if v.is_floating_point() else None)
         for k, v in batch.items()
     }
-
-
-def make_sampler(
-    path: str | Path,
-    *,
-    temperature: float,
-    max_new_tokens: int,
-    batch_size: int,
-    top_p: float = 1.0,
-    seed: int | None = None,
-) -> Callable[[list[Image.Image], list[str], int], list[list[str]]]:
-    """Load the model at `path` once; return sampler(images, prompts, k) -> k answers per prompt.
-
-    Used for on-policy negatives. With a seed, batch i samples with seed + i (reproducible).
-    """
-    if batch_size < 1:
-        raise ValueError(f"batch_size={batch_size}: expected >= 1")
-    model, processor = load_vlm(path)
-    batch_no = itertools.count()  # across calls, so no two batches share a seed
-
-    def sampler(images: list[Image.Image], prompts: list[str], k: int) -> list[list[str]]:
-        answers: list[list[str]] = []
-        for start in range(0, len(prompts), batch_size):
-            batch_seed = None if seed is None else seed + next(batch_no)
-            answers += generate(
-                model, processor, images[start:start + batch_size],
-                prompts[start:start + batch_size], max_new_tokens=max_new_tokens, do_sample=True,
-                temperature=temperature, top_p=top_p, num_return_sequences=k, seed=batch_seed,
-            )
-        return answers
-
-    return sampler
 
 
 class ValueHead(nn.Module):
@@ -486,3 +395,13 @@ def load_value_model(
     head = ValueHead(base.config.get_text_config().hidden_size)
     head.load_state_dict(load_file(str(head_file)))
     return VLMWithValueHead(base, head.to(device)).eval(), processor
+
+
+def __getattr__(name: str) -> Any:
+    # generate and make_sampler moved to nsft_ray/generation.py; cli.py and
+    # tests/test_train_ray.py still import them from here (files another change owns).
+    if name in ("generate", "make_sampler"):
+        from nsft_ray import generation
+
+        return getattr(generation, name)
+    raise AttributeError(f"module 'nsft_ray.models' has no attribute {name!r}")

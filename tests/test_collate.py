@@ -17,9 +17,8 @@ from nsft_ray.collate import (  # noqa: E402
     Collator,
     _assistant_mask_by_prefixes,
     encode_conversation,
-    encode_prompt,
-    to_chat,
 )
+from nsft_ray.generation import encode_prompt, to_chat  # noqa: E402
 from nsft_ray.models import build_tiny_vlm, load_vlm  # noqa: E402
 from nsft_ray.schema import conversation_table  # noqa: E402
 

@@ -16,16 +16,15 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 import torch  # noqa: E402
 from PIL import Image, ImageDraw  # noqa: E402
 
-from nsft_ray.collate import Collator, encode_prompt  # noqa: E402
+from nsft_ray.collate import Collator  # noqa: E402
+from nsft_ray.generation import encode_prompt, generate, make_sampler  # noqa: E402
 from nsft_ray.models import (  # noqa: E402
     VALUE_HEAD_FILE,
     ValueHead,
     VLMWithValueHead,
     build_tiny_vlm,
-    generate,
     load_value_model,
     load_vlm,
-    make_sampler,
     param_count,
     save_value_model,
     to_model_inputs,

@@ -26,8 +26,9 @@ from nsft_ray.algorithms.ppo import (
     token_rewards,
 )
 from nsft_ray.algorithms.reward_rules import meta_problem, rule_reward, rule_rewards
-from nsft_ray.collate import decode_image, encode_prompt
+from nsft_ray.collate import decode_image
 from nsft_ray.config import OptimConfig, PPOConfig, WorldConfig
+from nsft_ray.generation import encode_prompt
 from nsft_ray.logprobs import IGNORE_INDEX, token_logprobs
 from nsft_ray.loop import TorchEngine, make_optimizer, make_scheduler
 from nsft_ray.losses import gae, kl_k3, kl_penalty, masked_mean, ppo_policy_loss, whiten

@@ -26,9 +26,9 @@ if str(ROOT) not in sys.path:  # serve/ and benchmarks/ from a source checkout
 from fastapi.testclient import TestClient  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from nsft_ray.collate import encode_prompt  # noqa: E402
 from nsft_ray.config import ConfigError, WorldConfig  # noqa: E402
-from nsft_ray.models import build_tiny_vlm, generate, load_vlm  # noqa: E402
+from nsft_ray.generation import encode_prompt, generate  # noqa: E402
+from nsft_ray.models import build_tiny_vlm, load_vlm  # noqa: E402
 from nsft_ray.world import corpus, render, sample_scene  # noqa: E402
 from serve.api import LocalEngine, create_app, local_app, resolve_token  # noqa: E402
 from serve.backends import GenRequest, HFBackend, Sampling, apply_stop  # noqa: E402
@@ -93,7 +93,7 @@ def image_uri() -> str:
 
 
 def test_answer_equals_in_process_generate(client, models, image_uri):
-    """Greedy through HTTP == nsft_ray.models.generate on the same image and question."""
+    """Greedy through HTTP == nsft_ray.generation.generate on the same image and question."""
     model, processor = load_vlm(models["base"])
     expected = generate(model, processor, [picture()], [QUESTION], max_new_tokens=12)[0][0]
     r = client.post("/v1/chat/completions", json=chat(uri=image_uri))

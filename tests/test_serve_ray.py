@@ -20,7 +20,8 @@ if str(ROOT) not in sys.path:  # serve/ and benchmarks/ from a source checkout
     sys.path.insert(0, str(ROOT))
 
 from nsft_ray.config import WorldConfig  # noqa: E402
-from nsft_ray.models import build_tiny_vlm, generate, load_vlm  # noqa: E402
+from nsft_ray.generation import generate  # noqa: E402
+from nsft_ray.models import build_tiny_vlm, load_vlm  # noqa: E402
 from nsft_ray.world import corpus, render, render_png, sample_scene  # noqa: E402
 
 pytestmark = pytest.mark.ray

@@ -24,7 +24,7 @@ update.
 
 The whole recipe, top to bottom:
     data         Sequences (prompt | response), Experience (one iteration's tensors)
-    rollouts     build_sequences, HF sampling (generate_responses), prompt_indices
+    rollouts     build_sequences, HF sampling (sample_responses; generation.py), prompt_indices
     forwards     response_logprobs, response_values, sequence_scores
     experience   token_rewards, make_experience
     update       actor_loss, critic_loss, ppo_update (one loop.TorchEngine step per mini-batch)
@@ -55,12 +55,13 @@ import pyarrow.parquet as pq
 import torch
 from PIL import Image
 from torch import Tensor, nn
-from transformers import AutoProcessor, GenerationConfig, PreTrainedModel, ProcessorMixin
+from transformers import AutoProcessor, PreTrainedModel, ProcessorMixin
 
 from nsft_ray.algorithms import frozen, frozen_copy, save_policy
 from nsft_ray.algorithms.reward_rules import meta_problem, rule_rewards
-from nsft_ray.collate import decode_image, encode_prompt
+from nsft_ray.collate import decode_image
 from nsft_ray.config import Config, OptimConfig, PPOConfig, WorldConfig, save_config
+from nsft_ray.generation import HFGenerator, Sampling, encode_prompt, pad_token_id
 from nsft_ray.logprobs import IGNORE_INDEX, entropy_from_logits, token_logprobs
 from nsft_ray.loop import (
     Engine,
@@ -89,7 +90,6 @@ from nsft_ray.models import (
     load_value_model,
     load_vlm,
     save_value_model,
-    to_model_inputs,
 )
 from nsft_ray.negatives.claims import Vocabulary
 from nsft_ray.schema import quarantine_table
@@ -97,9 +97,10 @@ from nsft_ray.schema import quarantine_table
 __all__ = [
     "MODELS_RESIDENT", "PHASES", "Actor", "Critic", "Experience", "InProcessRoles", "Prompts",
     "Reference", "Reward", "Roles", "Sequences", "Starts", "actor_loss", "build_sequences",
-    "check_ppo_config", "critic_loss", "cut_after_eos", "engine_seed", "generate_responses",
+    "check_ppo_config", "critic_loss", "engine_seed",
     "image_token_ids", "last_token_mask", "load_actor", "load_critic", "load_prompts",
     "load_reference", "load_reward", "make_experience", "optimizer_steps", "ppo_iteration",
+    "rollout_sampling",
     "ppo_update", "prompt_indices", "prompt_rows", "response_logprobs", "response_values",
     "run_ppo", "sample_responses", "select_rows", "sequence_scores", "split_images",
     "state_digest", "token_rewards", "train_ppo_in_process",
@@ -213,11 +214,6 @@ def build_sequences(
     return Sequences(inputs, input_ids.shape[1], action_mask)
 
 
-def cut_after_eos(ids: list[int], eos_id: int) -> list[int]:
-    """A response's token ids up to and including its first eos (all of them if there is none)."""
-    return ids[: ids.index(eos_id) + 1] if eos_id in ids else ids
-
-
 def image_token_ids(processor: ProcessorMixin) -> list[int]:
     """Token ids a response must never contain: the image placeholder the processor expands.
 
@@ -228,33 +224,12 @@ def image_token_ids(processor: ProcessorMixin) -> list[int]:
     return [int(token_id)] if token_id is not None else []
 
 
-@torch.no_grad()
-def generate_responses(
-    model: PreTrainedModel,
-    processor: ProcessorMixin,
-    inputs: dict[str, Tensor],
-    *,
-    max_new_tokens: int,
-    greedy: bool = False,
-    temperature: float = 1.0,
-    top_p: float = 1.0,
-    seed: int | None = None,
-) -> list[list[int]]:
-    """Response token ids for encoded prompts (`encode_prompt`'s output) with HF generate, each
-    cut after its first eos (kept); the image token is never sampled."""
-    tok = processor.tokenizer
-    config = GenerationConfig(
-        max_new_tokens=max_new_tokens, do_sample=not greedy,
-        temperature=None if greedy else temperature, top_p=None if greedy else top_p,
-        top_k=None if greedy else 0, eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id,
-        suppress_tokens=image_token_ids(processor) or None,
-    )
-    if seed is not None:
-        torch.manual_seed(seed)
-    enc = to_model_inputs(inputs, model)
-    ids = model.generate(**enc, generation_config=config)[:, enc["input_ids"].shape[1]:]
-    return [cut_after_eos(r, tok.eos_token_id) for r in ids.tolist()]
+def rollout_sampling(processor: ProcessorMixin, *, max_new_tokens: int, greedy: bool = False,
+                     temperature: float = 1.0, top_p: float = 1.0,
+                     seed: int | None = None) -> Sampling:
+    """The rollout engines' sampling: the image token is never generated (`image_token_ids`)."""
+    return Sampling(max_new_tokens=max_new_tokens, temperature=0.0 if greedy else temperature,
+                    top_p=top_p, seed=seed, banned_ids=tuple(image_token_ids(processor)))
 
 
 def sample_responses(
@@ -269,18 +244,18 @@ def sample_responses(
     top_p: float = 1.0,
     seed: int | None = None,
 ) -> list[list[int]]:
-    """Response token ids per (image, prompt): `generate_responses` on their encoded prompts.
+    """Response token ids per (image, prompt) with HF generate, each cut after its first eos.
 
     Greedy decoding runs one prompt at a time: with no padding, the argmax cannot differ from an
     unpadded engine's (vLLM) because of padding round-off, which is what the sync check compares.
     """
-    kw = dict(max_new_tokens=max_new_tokens, greedy=greedy, temperature=temperature, top_p=top_p)
+    gen = HFGenerator(model, processor)
+    s = rollout_sampling(processor, max_new_tokens=max_new_tokens, greedy=greedy,
+                         temperature=temperature, top_p=top_p, seed=seed)
     if not greedy:
-        return generate_responses(model, processor, encode_prompt(processor, images, prompts),
-                                  seed=seed, **kw)
+        return gen.token_ids(encode_prompt(processor, images, prompts), s)
     return [r for image, prompt in zip(images, prompts, strict=True)
-            for r in generate_responses(model, processor,
-                                        encode_prompt(processor, [image], [prompt]), **kw)]
+            for r in gen.token_ids(encode_prompt(processor, [image], [prompt]), s)]
 
 
 def prompt_rows(tokens: dict[str, Tensor], images: Images, rows: Tensor) -> dict[str, Tensor]:
@@ -833,10 +808,11 @@ class InProcessRoles:
         return images  # every model reads these very tensors
 
     def generate(self, prompts: Prompts, seed: int) -> list[list[int]]:
-        return generate_responses(
-            self.actor.model, self.actor.processor, prompts.tokens | prompts.images,
-            max_new_tokens=self.ppo.max_new_tokens, temperature=self.ppo.temperature,
-            top_p=self.ppo.top_p, seed=engine_seed(seed, 0))
+        s = rollout_sampling(self.actor.processor, max_new_tokens=self.ppo.max_new_tokens,
+                             temperature=self.ppo.temperature, top_p=self.ppo.top_p,
+                             seed=engine_seed(seed, 0))
+        return HFGenerator(self.actor.model, self.actor.processor).token_ids(
+            prompts.tokens | prompts.images, s)
 
     def actor_logprobs(self, seq: Sequences, images: Images) -> Tensor:
         return self.actor.logprobs(seq.with_images(images))
@@ -906,8 +882,7 @@ def ppo_iteration(it: int, roles: Roles, rows: list[dict], processor: ProcessorM
     texts = tok.batch_decode(responses, skip_special_tokens=True)
     clock.append(time.perf_counter())
 
-    seq = build_sequences(tokens, responses,
-                          tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id,
+    seq = build_sequences(tokens, responses, pad_token_id(tok),
                           getattr(processor, "image_token_id", None))
     old_logps, ref_logps, values, scores = roles.wait(  # the four models at the same time
         roles.actor_logprobs(seq, prompts.images), roles.reference_logprobs(seq, prompts.images),

@@ -384,10 +384,11 @@ def score(plan: Plan, answers: Answers, cfg: EvalConfig) -> dict[str, Any]:
 
 
 def hf_answer_fns(model_dir: str | Path, max_new_tokens: int) -> tuple[GenerateFn, ScoreFn]:
-    """Load the model once: greedy `models.generate` and the yes-minus-no logit gap."""
+    """Load the model once: greedy `generation.generate` and the yes-minus-no logit gap."""
     # torch/transformers only when used
     from nsft_ray.eval.scoring import hf_score_fn
-    from nsft_ray.models import generate, load_vlm
+    from nsft_ray.generation import generate
+    from nsft_ray.models import load_vlm
 
     model, processor = load_vlm(model_dir)
 

@@ -22,8 +22,8 @@ import torch
 from PIL import Image
 from transformers import PreTrainedModel, ProcessorMixin
 
-from nsft_ray.collate import to_chat
 from nsft_ray.eval.runner import ScoreFn
+from nsft_ray.generation import encode_prompt, render_chats
 from nsft_ray.models import to_model_inputs
 
 __all__ = ["answer_first_token", "yes_no_scores", "hf_score_fn"]
@@ -34,8 +34,8 @@ def answer_first_token(processor: ProcessorMixin, text: str) -> int:
     after the chat template's generation prompt, where a tokenizer may merge differently than at
     the start of a string)."""
     tokenizer = getattr(processor, "tokenizer", processor)
-    chat = [{"role": "user", "content": [{"type": "text", "text": "?"}]}]
-    prefix = processor.apply_chat_template(chat, add_generation_prompt=True, tokenize=False)
+    [prefix] = render_chats(processor, [[{"role": "user",
+                                          "content": [{"type": "text", "text": "?"}]}]])
     head = tokenizer(prefix, add_special_tokens=False)["input_ids"]
     full = tokenizer(prefix + text, add_special_tokens=False)["input_ids"]
     if full[:len(head)] != head or len(full) == len(head):
@@ -55,13 +55,9 @@ def yes_no_scores(
                          f"and {len(no_ids)} no ids; expected one each")
     if not prompts:
         return []
-    chats = [to_chat(image, [{"role": "user", "content": p}])
-             for image, p in zip(images, prompts, strict=True)]
-    enc = processor.apply_chat_template(
-        chats, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt",
-        processor_kwargs={"padding": True, "padding_side": "right"},
-    )
-    inputs = to_model_inputs(dict(enc), model)
+    # Right padding: each row's last real position is then found by its attention mask.
+    inputs = to_model_inputs(encode_prompt(processor, images, prompts, padding_side="right"),
+                             model)
     # The backbone's hidden states, then the LM head on one position per row: a full (B, T, V)
     # logits tensor would be large for a real vocabulary and is never needed here.
     hidden = model.model(**inputs).last_hidden_state  # (B, T, H)

