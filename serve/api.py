@@ -181,7 +181,7 @@ def to_gen_request(req: ChatRequest, limits: LimitsConfig) -> GenRequest:
             images.append(decode_image_url(p.image_url.url, limits, where + ".image_url.url"))
             parts.append({"type": "image"})
         messages.append({"role": m.role, "content": parts})
-    sampling = Sampling(max_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p,
+    sampling = Sampling(max_new_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p,
                         n=req.n, seed=req.seed, stop=tuple(req.stop or ()))
     return GenRequest(messages=messages, images=images, sampling=sampling)
 

@@ -184,7 +184,7 @@ def test_batched_generation_equals_one_at_a_time(models):
     questions = ["Describe the picture.", "How many stars are there?", "word " * 80]
     reqs = [GenRequest([{"role": "user", "content": [{"type": "image"},
                                                        {"type": "text", "text": q}]}],
-                       [picture(i)], Sampling(max_tokens=10)) for i, q in enumerate(questions)]
+                       [picture(i)], Sampling(max_new_tokens=10)) for i, q in enumerate(questions)]
     batched = backend.generate(reqs)
     singles = [backend.generate([r])[0] for r in reqs[:2]]
     assert [b.choices for b in batched[:2]] == [s.choices for s in singles]
