@@ -506,6 +506,10 @@ class PlanConfig:
     """`nsft-ray plan` (nsft_ray/plan.py): the model's size when its config.json is not on this
     machine, and the limits within which roles are placed on cluster.yaml's node types."""
 
+    # Training and PPO launches check first that the roles' predicted memory fits the running
+    # cluster's nodes (on an autoscaling one, `cluster`'s node types); false: launch unchecked.
+    check: bool = True
+    cluster: str = ""  # resources.autoscaling: the cluster.yaml to check against; "": not checked
     # Used when the model folder has no local config.json (e.g. it lives on the cluster's shared
     # storage); 0: unknown, and the planner refuses (it has nothing to size).
     num_parameters: int = 0

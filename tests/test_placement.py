@@ -104,3 +104,28 @@ def test_worker_options_and_device(use_gpu, accelerator, expected_device, expect
     res = ResourcesConfig(use_gpu=use_gpu, accelerator=accelerator, cpus_per_worker=2)
     assert on_gpus(res) is expected_device
     assert worker_options(res) == expected_options
+
+
+@pytest.mark.ray
+def test_a_launch_whose_memory_cannot_fit_is_refused_before_anything_starts(local_ray, tmp_path,
+                                                                             capsys):
+    """Fails if `nsft-ray train` does not run the planner's check on the running cluster before
+    it reads data or starts Ray Train: a micro-batch whose activations exceed every node's
+    memory is refused with the shortfall (exit 1) and leaves no metrics behind."""
+    from nsft_ray.cli import main
+    from nsft_ray.config import WorldConfig
+    from nsft_ray.models import build_tiny_vlm
+    from nsft_ray.world import corpus
+
+    model = build_tiny_vlm(tmp_path / "m", corpus(WorldConfig(), n=50, seed=0))
+    run = tmp_path / "run"
+    args = ["train", "--algo", "sft", f"model.name_or_path={model}", f"run.dir={run}",
+            f"train.data=[{tmp_path / 'nowhere.parquet'}]", "train.max_length=4096"]
+    assert main([*args, "train.micro_batch_size=100000"]) == 1
+    err = capsys.readouterr().err
+    assert "sft does not fit this Ray cluster" in err, err
+    assert "GiB of host memory; the largest node type" in err, err
+    assert not (run / "metrics.jsonl").exists()
+    # The same launch with a micro-batch that fits passes the check and fails on the data.
+    with pytest.raises(FileNotFoundError, match="train.data: "):
+        main([*args, "train.micro_batch_size=1"])

@@ -305,3 +305,26 @@ def test_workers_beyond_max_workers_are_refused(tiny):
 def test_unknown_model_size_is_refused():
     with pytest.raises(PlanRefused, match="set plan.num_parameters"):
         model_shape("/nowhere/llava", (), PlanConfig())
+
+
+def test_a_running_clusters_nodes_from_ray_nodes():
+    """ray.nodes() entries -> node types of one node each: the accelerator's memory from Ray's
+    accelerator_type label (or plan.accelerator_gib by that label), host memory from Ray's
+    `memory` resource, dead nodes left out, the head found by its internal resource."""
+    from nsft_ray.plan import live_node_types
+
+    nodes = [
+        {"Alive": True, "NodeID": "aaaaaaaa11", "Resources": {
+            "CPU": 8.0, "GPU": 2.0, "memory": 64 * GiB, "accelerator_type:A100-80G": 1.0,
+            "node:__internal_head__": 1.0}},
+        {"Alive": False, "NodeID": "dead", "Resources": {"CPU": 96.0}},
+        {"Alive": True, "NodeID": "bbbbbbbb22", "Resources": {
+            "CPU": 4.0, "GPU": 1.0, "memory": 8 * GiB, "accelerator_type:X9": 1.0}},
+    ]
+    (a, b), notes = live_node_types(nodes, PlanConfig())
+    assert (a.name, a.accelerators, a.accelerator_bytes, a.host_bytes, a.head) == (
+        "node aaaaaaaa", 2, 80 * GiB, 64 * GiB, True)
+    assert b.accelerator_bytes > 1000 * GiB and not b.head  # unknown: not checked, and said so
+    assert len(notes) == 1 and "X9" in notes[0] and "plan.accelerator_gib" in notes[0]
+    (_, b), notes = live_node_types(nodes, PlanConfig(accelerator_gib={"X9": 12}))
+    assert b.accelerator_bytes == 12 * GiB and not notes

@@ -22,17 +22,19 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import ray
+import yaml
 from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from nsft_ray.config import Config, ResourcesConfig, RoleResources, RolesConfig
 
 __all__ = ["PLANS", "PPO_ROLES", "GroupPlan", "Plan", "PlacementError", "Reservation",
-           "accelerator_options", "check_resources", "on_gpus", "ppo_plan", "reserve",
-           "trainer_plan", "worker_options"]
+           "accelerator_options", "check_memory", "check_resources", "on_gpus", "ppo_plan",
+           "reserve", "trainer_plan", "worker_options"]
 
 PPO_ROLES = ("actor", "critic", "reward", "reference", "rollout")
 Bundle = dict[str, float]
@@ -274,3 +276,40 @@ def reserve(plan: Plan, timeout_s: float, autoscaling: bool = False) -> Reservat
              "held by other work (or too fragmented across nodes)"],
             ray.cluster_resources(), ray.available_resources()))
     return Reservation(plan, groups)
+
+
+def check_memory(algo: str, cfg: Config) -> None:
+    """The memory planner's verdict before a launch reserves anything: raises plan.PlanRefused
+    (what was asked, the largest node, the shortfall) when `algo`'s roles cannot fit the running
+    cluster's nodes, or, on an autoscaling cluster, plan.cluster's node types. A model the
+    planner cannot size, or an autoscaling cluster without plan.cluster, is launched unchecked
+    with a line saying so."""
+    from nsft_ray import plan as planner
+
+    if not cfg.plan.check:
+        return
+    if cfg.resources.autoscaling and not cfg.plan.cluster:
+        print("memory check: skipped (resources.autoscaling without plan.cluster: the nodes to "
+              "come are not known here)", flush=True)
+        return
+    try:
+        shape = planner.model_shape(cfg.model.name_or_path, cfg.model.freeze, cfg.plan)
+    except planner.PlanRefused as e:
+        print(f"memory check: skipped ({e})", flush=True)
+        return
+    if cfg.plan.cluster:
+        nodes = planner.node_types(yaml.safe_load(Path(cfg.plan.cluster).read_text()), cfg.plan)
+        where, notes = cfg.plan.cluster, []
+    else:
+        nodes, notes = planner.live_node_types(ray.nodes(), cfg.plan)
+        where = "this Ray cluster"
+    for note in notes:
+        print(f"memory check: {note}", flush=True)
+    placed = planner.place(algo, planner.method_roles(algo, cfg, shape), PLANS[algo](cfg), nodes,
+                           cfg.plan)
+    if not placed.fits:
+        raise planner.PlanRefused(
+            f"{algo} does not fit {where} (predicted memory per role; `nsft-ray plan` prints "
+            "the whole table; plan.check=false launches anyway):\n  "
+            + "\n  ".join(placed.problems))
+

@@ -58,7 +58,7 @@ from nsft_ray.ray_glue.data import (
     read_preferences,
     validate_dataset,
 )
-from nsft_ray.ray_glue.placement import on_gpus, worker_options
+from nsft_ray.ray_glue.placement import check_memory, on_gpus, worker_options
 from nsft_ray.ray_glue.runtime import TRAIN_LOGGING, ensure_ray, quiet_train_reports, step_bar
 from nsft_ray.validate import QuarantineCounts, summarize
 
@@ -127,6 +127,7 @@ def train(cfg: Config, algo: str) -> dict:
     run_dir = Path(cfg.run.dir).resolve()
     save_config(cfg, run_dir)
     ensure_ray(cfg.resources.address)
+    check_memory(algo, cfg)  # a run that cannot fit fails here, in seconds
     ds, counts = build_train_dataset(cfg, algo)
     rows = ds.count()
     if rows == 0:
