@@ -364,10 +364,12 @@ class VLMWithValueHead(nn.Module):
 
     def forward(self, batch: dict[str, Tensor]) -> Tensor:
         """`batch`: Collator output (labels are ignored). Returns values (B, T), float32."""
-        inputs = {k: v for k, v in batch.items() if k != "labels"}
+        inputs = {k: v for k, v in batch.items() if k not in ("labels", "use_cache")}
         # The inner model gives the LM's last hidden states; skipping lm_head avoids a (B, T, V)
         # logits tensor the critic never uses.
-        hidden = self.base.model(**inputs).last_hidden_state  # (B, T, H)
+        # No KV cache: values and rewards are read once (without gradients it would hold every
+        # layer's keys and values until the output is dropped).
+        hidden = self.base.model(**inputs, use_cache=False).last_hidden_state  # (B, T, H)
         return self.value_head(hidden)
 
 

@@ -300,7 +300,9 @@ def response_logprobs(
     r = seq.action_mask.shape[1]
     # Only the R + 1 last positions' logits matter: position P - 1 predicts the first response
     # token. logits_to_keep spares a (B, P, V) tensor (P includes hundreds of image tokens).
-    logits = model(**seq.inputs, logits_to_keep=r + 1).logits  # (B, R + 1, V)
+    # No KV cache: nothing decodes after this pass, and without gradients (old and reference
+    # log-probs) the cache would hold every layer's keys and values (benchmarks/bench_plan.py).
+    logits = model(**seq.inputs, logits_to_keep=r + 1, use_cache=False).logits  # (B, R + 1, V)
     ids = seq.inputs["input_ids"]
     labels = torch.cat([ids[:, seq.prompt_len - 1: seq.prompt_len],
                         ids[:, seq.prompt_len:].masked_fill(~seq.action_mask, IGNORE_INDEX)], 1)
