@@ -61,7 +61,7 @@ def cmd_world(args: argparse.Namespace) -> dict:
     if cfg.world.negatives == "policy":
         if not cfg.world.policy_model:
             raise ConfigError("world.policy_model: required when world.negatives=policy")
-        from nsft_ray.models import make_sampler
+        from nsft_ray.generation import make_sampler
 
         sampler = make_sampler(
             cfg.world.policy_model,

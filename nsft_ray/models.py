@@ -12,7 +12,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -397,13 +396,3 @@ def load_value_model(
     head = ValueHead(base.config.get_text_config().hidden_size)
     head.load_state_dict(load_file(str(head_file)))
     return VLMWithValueHead(base, head.to(device)).eval(), processor
-
-
-def __getattr__(name: str) -> Any:
-    # generate and make_sampler moved to nsft_ray/generation.py; cli.py and
-    # tests/test_train_ray.py still import them from here (files another change owns).
-    if name in ("generate", "make_sampler"):
-        from nsft_ray import generation
-
-        return getattr(generation, name)
-    raise AttributeError(f"module 'nsft_ray.models' has no attribute {name!r}")

@@ -132,3 +132,42 @@ def test_vllm_engine_with_rule_reward_syncs_after_every_update(setup):
     assert summary["peak_memory_bytes_per_role"]["rollout"] > 0
     # Rule rewards are -1, 0 or +1 per answer: a batch mean of 4 is a multiple of 1/4.
     assert all((4 * m["ppo/score"]).is_integer() for m in lines)
+
+
+@ray.remote
+class _FlakyStart:
+    """Its first process dies while starting (os._exit: no exception, as a crash in dlopen);
+    the next one starts. With fail_in_init it raises in its constructor instead."""
+
+    def __init__(self, flag: str, fail_in_init: bool = False):
+        import os
+
+        if fail_in_init:
+            raise ValueError("bad constructor argument")
+        if not os.path.exists(flag):
+            open(flag, "w").close()
+            os._exit(1)
+
+    def where(self) -> dict:
+        return {"pid": __import__("os").getpid()}
+
+
+def test_a_role_actor_that_died_while_starting_is_started_once_more(ray_session, tmp_path,
+                                                                       capsys):
+    """Fails if RayRoles' wait (ray_glue.ppo.started) gives up on an actor whose process died
+    while starting, or retries one whose constructor raised (it would fail the same way)."""
+    from nsft_ray.ray_glue.ppo import started
+
+    flag = str(tmp_path / "first_start")
+    made = []
+
+    def make():
+        made.append(_FlakyStart.remote(flag))
+        return made[-1]
+
+    handle, where = started(make(), make, "critic actor 0")
+    assert len(made) == 2 and handle is made[1] and where["pid"] > 0
+    assert "critic actor 0 died while starting" in capsys.readouterr().out
+    with pytest.raises(ray.exceptions.ActorDiedError, match="bad constructor argument"):
+        started(_FlakyStart.remote(flag, fail_in_init=True), make, "reward actor 0")
+    assert len(made) == 2  # no second start after a constructor's own error

@@ -21,7 +21,8 @@ import pytest
 import torch
 
 from nsft_ray.config import Config, load_config
-from nsft_ray.models import generate, load_vlm
+from nsft_ray.generation import generate
+from nsft_ray.models import load_vlm
 from nsft_ray.schema import QUARANTINE_SCHEMA, conversation_table, loads_meta
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]

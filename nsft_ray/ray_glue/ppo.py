@@ -69,11 +69,12 @@ from nsft_ray.config import Config, OptimConfig, PPOConfig, WorldConfig
 from nsft_ray.generation import HFGenerator, Sampling, VLLMGenerator, user_turn
 from nsft_ray.loop import peak_memory_bytes
 from nsft_ray.models import load_vlm
-from nsft_ray.ray_glue.placement import Reservation, ppo_plan, reserve
+from nsft_ray.ray_glue.placement import Reservation, check_memory, ppo_plan, reserve
 
 # check_ppo_config and load_prompts live in the recipe; importable from here as before.
 __all__ = ["ActorRole", "CriticRole", "HFEngine", "RayRoles", "ReferenceRole", "RewardRole",
-           "VLLMEngine", "check_ppo_config", "load_prompts", "open_ray_roles", "train_ppo"]
+           "VLLMEngine", "check_ppo_config", "load_prompts", "open_ray_roles", "started",
+           "train_ppo"]
 
 
 def train_ppo(cfg: Config) -> dict:
@@ -90,6 +91,7 @@ def open_ray_roles(cfg: Config, check_rows: list[dict]) -> Iterator[RayRoles]:
     from nsft_ray.ray_glue.runtime import ensure_ray
 
     ensure_ray(cfg.resources.address)
+    check_memory("ppo", cfg)  # roles that cannot fit fail here, in seconds
     reservation = reserve(ppo_plan(cfg.ppo.roles, cfg.resources.accelerator),  # fails fast,
                           cfg.ppo.roles.timeout_s, cfg.resources.autoscaling)  # readably
     roles = None
@@ -112,6 +114,23 @@ class _Started:
 
     refs: list
     combine: Callable[[list], Any]
+
+
+def started(handle: Any, make: Callable[[], Any], name: str) -> tuple[Any, dict]:
+    """(handle, where it runs) once the actor is up. A process that died while starting, not
+    an error its constructor raised, is started once more: with a dozen processes loading torch
+    at once on a small node, one died in dlopen ("Intel oneMKL FATAL ERROR: Cannot load
+    libtorch_cpu.so") in 2 of 6 simulated-cluster runs. A constructor's exception is raised as
+    it is: it would fail again."""
+    try:
+        return handle, ray.get(handle.where.remote())
+    except ray.exceptions.ActorDiedError as e:
+        if e.actor_init_failed:
+            raise
+        print(f"ppo: the {name} died while starting ({str(e).splitlines()[0]}); starting it "
+              "once more", flush=True)
+        handle = make()
+        return handle, ray.get(handle.where.remote())
 
 
 def _split(n: int, k: int) -> list[Tensor]:
@@ -137,9 +156,12 @@ class RayRoles:
         self.vllm_gpu = (ppo.engine == "vllm" and ppo.roles.rollout.num_gpus > 0
                          and cfg.resources.accelerator == "GPU")
 
+        self.make: dict[str, Callable[[int], Any]] = {}  # role -> rank -> a new actor handle
+
         def spawn(role: str, cls, *args) -> list:
-            return [cls.options(**reservation.options(role, rank)).remote(*args)
-                    for rank in range(reservation.plan.num_actors[role])]
+            self.make[role] = lambda rank: cls.options(**reservation.options(role, rank)).remote(
+                *args)
+            return [self.make[role](rank) for rank in range(reservation.plan.num_actors[role])]
 
         def steps(role: str) -> int:
             return optimizer_steps(ppo, getattr(ppo.roles, role).num_actors)
@@ -163,8 +185,12 @@ class RayRoles:
 
     def start(self) -> None:
         """Wait for every actor; join data-parallel groups; check they share one tokenizer."""
-        self.where = {role: ray.get([h.where.remote() for h in hs])
-                      for role, hs in self.by_role.items()}
+        for role, hs in self.by_role.items():
+            self.where[role] = []
+            for rank, h in enumerate(hs):  # in place: self.actor and the others alias these lists
+                hs[rank], where = started(h, lambda r=rank, m=self.make[role]: m(r),
+                                          f"{role} actor {rank}")
+                self.where[role].append(where)
         self.groups = self.reservation.table()  # as Ray reports them while they hold the roles
         for hs in (self.actor, self.critic):
             if len(hs) > 1:
