@@ -38,6 +38,8 @@ def ensure_ray(address: str = "", num_cpus: int | None = None) -> None:
     # One progress bar per stage is ours to draw; Ray Data's per-operator bars (validation,
     # splits, eval passes) would interleave with it. Datasets carry this context to their workers.
     ray.data.DataContext.get_current().enable_progress_bars = False
+    # ...and Ray Data would say once, as a warning, that its bars are off.
+    logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)
     address = address or os.environ.get("RAY_ADDRESS", "")
     if address:
         ray.init(address=address, logging_level=logging.WARNING)
@@ -47,6 +49,10 @@ def ensure_ray(address: str = "", num_cpus: int | None = None) -> None:
                         REPORT_POLL_ENV: poll,
                         "RAY_DATA_LOGGING_CONFIG": os.environ["RAY_DATA_LOGGING_CONFIG"]},
            "worker_process_setup_hook": quiet_embedded_worker}
+    # Ray 2.60 announces at every local start that token auth is on by default; for an instance
+    # that lives and dies with this process that is noise (a cluster's head still says it).
+    logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(
+        logging.ERROR)
     # address="local": always a new embedded instance, never a stray one another process started.
     ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, runtime_env=env,
              logging_level=logging.WARNING)
