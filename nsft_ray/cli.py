@@ -125,9 +125,10 @@ def cmd_eval(args: argparse.Namespace) -> dict:
     from nsft_ray.ray_glue.eval import run_eval
 
     cfg = _resolved(args)
-    bench = bool(cfg.eval.pope or cfg.eval.amber)
+    bench = bool(cfg.eval.pope or cfg.eval.amber or cfg.eval.mmhal)
     if not args.data and not bench:
-        raise ConfigError("eval: give --data (a ShapesWorld folder), eval.pope or eval.amber")
+        raise ConfigError("eval: give --data (a ShapesWorld folder), eval.pope, eval.amber or "
+                          "eval.mmhal")
     generate_fn = score_fn = None
     if bench:  # loaded once, for the benchmarks and (engine=local) ShapesWorld too
         from nsft_ray.eval.runner import hf_answer_fns

@@ -332,6 +332,19 @@ class EvalConfig:
     pope_images: str = ""  # the folder POPE's `image` names are in (COCO val2014)
     amber: str = ""  # AMBER's data folder (query/, annotations.json) or one query file
     amber_images: str = ""  # the folder of AMBER_*.jpg
+    # MMHal-Bench's response_template.json; its open answers are rated 0-6 by `judge`, which
+    # must then name a model and a base_url (checked here, before any model is loaded)
+    mmhal: str = ""
+    # the folder of MMHal-Bench's images, each named as the end of its row's image_src URL
+    # (or <image_id>.jpg/.png)
+    mmhal_images: str = ""
+
+    def __post_init__(self) -> None:
+        if self.mmhal:
+            for key in ("model", "base_url"):
+                if not str(getattr(self.judge, key)).strip():
+                    raise ConfigError(f"eval.judge.{key}: required when eval.mmhal is set (an "
+                                      "OpenAI-compatible judge rates MMHal-Bench's answers)")
 
 
 @dataclass(frozen=True)

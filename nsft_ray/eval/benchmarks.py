@@ -13,10 +13,17 @@ own formats too, so each benchmark's official scorer can be run on them beside o
   images in ``eval.amber_images``. Written: ``OUT/amber/responses.json`` ``[{id, response}]``
   for AMBER's inference.py ``--evaluation_type d``; it compares ``response`` with "Yes"/"No"
   exactly, so the parsed answer is written that way (the raw text beside it, as ``raw``).
+- MMHal-Bench: ``response_template.json`` (a JSON list of ``{question_type, question_topic,
+  image_id, image_src, image_content, question, gt_answer, model_answer}``), images in
+  ``eval.mmhal_images`` named as the end of ``image_src`` (or ``<image_id>.jpg``). Written:
+  ``OUT/mmhal/response.json``, the template in its order with ``model_answer`` filled, for
+  MMHal-Bench's eval_gpt4.py (``--response``); then rated 0-6 by ``eval.judge`` (judge_mmhal).
 
 Our scores: yes_no_metrics from the generated answers (parse_yes_no), plus the AUROC of the
 yes-minus-no logit gap when a `score_fn` is given (as on ShapesWorld), per POPE file and AMBER
-dimension (existence, attribute, relation) and overall.
+dimension (existence, attribute, relation) and overall; for MMHal-Bench the judge's mean rating
+and hallucination rate (share of ratings < 3), every row accounted for: judged, unjudged (the
+judge failed) or missing its image.
 """
 
 from __future__ import annotations
@@ -30,11 +37,12 @@ from typing import Any
 from PIL import Image
 
 from nsft_ray.config import EvalConfig
-from nsft_ray.eval.adapters import read_pope
+from nsft_ray.eval.adapters import judge_mmhal, read_mmhal, read_pope
 from nsft_ray.eval.pope import parse_yes_no, pope_metrics
 
 __all__ = ["BenchQuestion", "pope_files", "read_pope_files", "read_amber", "answer_questions",
-           "write_pope_answers", "write_amber_responses", "run_benchmarks"]
+           "write_pope_answers", "write_amber_responses", "mmhal_image", "run_mmhal",
+           "run_benchmarks"]
 
 GenerateFn = Callable[[list[Image.Image], list[str]], list[str]]
 ScoreFn = Callable[[list[Image.Image], list[str], list[str], list[str]], list[float]]
@@ -51,8 +59,8 @@ class BenchQuestion:
     qid: str | int  # the benchmark's own id, written back unchanged
     image: Path
     text: str
-    label: bool  # True: the answer is yes
-    group: str  # POPE file stem, or AMBER dimension
+    label: bool | None  # True: the answer is yes; None: an open question (MMHal-Bench)
+    group: str  # POPE file stem, AMBER dimension, or MMHal question_type
 
 
 def pope_files(path: str | Path) -> list[Path]:
@@ -169,10 +177,64 @@ def write_amber_responses(questions: list[BenchQuestion], texts: list[str], path
     return str(path)
 
 
+def mmhal_image(row: dict, image_dir: str | Path) -> tuple[Path | None, str]:
+    """(the row's image under `image_dir`, "") or (None, why not): the file named as the end of
+    image_src's URL path (MMHal-Bench's images/), else <image_id>.jpg/.jpeg/.png."""
+    # the template's image_src is a Flickr URL; nothing is downloaded, only its file name used
+    src = str(row.get("image_src") or "").split("?")[0].rstrip("/")
+    names = [src.rsplit("/", 1)[-1]] if src else []
+    if row.get("image_id"):
+        names += [f"{row['image_id']}{ext}" for ext in (".jpg", ".jpeg", ".png")]
+    if not names:
+        return None, "no image_src or image_id in the row"
+    for name in names:
+        if (Path(image_dir) / name).is_file():
+            return Path(image_dir) / name, ""
+    return None, f"no image in {image_dir}: tried {', '.join(names)}"
+
+
+def run_mmhal(generate_fn: GenerateFn, cfg: EvalConfig, out: Path | None) -> dict[str, Any]:
+    """Answer MMHal-Bench's questions, write the filled template (OUT/mmhal/response.json) and
+    have eval.judge rate the answers; rows without an image are listed in "missing_images"."""
+    rows = read_mmhal(cfg.mmhal)
+    qs, where, missing = [], [], []
+    for n, row in enumerate(rows):
+        image, reason = mmhal_image(row, cfg.mmhal_images)
+        if image is None:
+            missing.append({"row": n, "image_src": row.get("image_src"), "reason": reason})
+            continue
+        qs.append(BenchQuestion(n, image, str(row["question"]), None,
+                                str(row.get("question_type", "all"))))
+        where.append(n)
+    texts, _ = answer_questions(qs, generate_fn, None, cfg.batch_size)
+    # every template row is written, in order (eval_gpt4.py groups question types by position);
+    # a row without its image keeps an empty answer and is reported in missing_images
+    filled = [dict(row) for row in rows]
+    for n, text in zip(where, texts, strict=True):
+        filled[n]["model_answer"] = text
+    result: dict[str, Any] = {}
+    if out:
+        path = out / "mmhal" / "response.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(filled, indent=2))  # written before judging: kept if it fails
+        result["answer_file"] = str(path)
+    judged = judge_mmhal([filled[n] for n in where], cfg.judge)
+    ratings: list[int | None] = [None] * len(rows)
+    for n, rating in zip(where, judged["ratings"], strict=True):
+        ratings[n] = rating
+    return {**result, **{k: judged[k] for k in ("average_score", "hallucination_rate", "by_type",
+                                                 "n_judged")},
+            "n": len(rows), "n_answered": len(where), "ratings": ratings,
+            # judge_mmhal numbers the rows it was given; reported as template rows
+            "unjudged": [{**u, "row": where[u["row"]]} for u in judged["unjudged"]],
+            "missing_images": missing}
+
+
 def run_benchmarks(generate_fn: GenerateFn, score_fn: ScoreFn | None, cfg: EvalConfig,
                    out_dir: str | Path | None) -> dict[str, Any]:
-    """POPE and/or AMBER as configured (eval.pope, eval.amber): our scores, and the answer
-    files for the official scorers under OUT/pope/ and OUT/amber/ (when out_dir is given)."""
+    """POPE, AMBER and/or MMHal-Bench as configured (eval.pope, eval.amber, eval.mmhal): our
+    scores, and the answer files for the official scorers under OUT/pope/, OUT/amber/ and
+    OUT/mmhal/ (when out_dir is given)."""
     result: dict[str, Any] = {}
     out = Path(out_dir) if out_dir else None
     if cfg.pope:
@@ -188,4 +250,6 @@ def run_benchmarks(generate_fn: GenerateFn, score_fn: ScoreFn | None, cfg: EvalC
         if out:
             result["amber"]["answer_file"] = write_amber_responses(
                 qs, texts, out / "amber" / "responses.json")
+    if cfg.mmhal:
+        result["mmhal"] = run_mmhal(generate_fn, cfg, out)
     return result
