@@ -23,6 +23,11 @@ def test_cluster_yaml_is_valid_for_the_ray_launcher():
                  if t.get("resources", {}).get("GPU")]
     assert gpu_types and all(t["max_workers"] >= 1 and t["min_workers"] == 0 for t in gpu_types)
     assert any("[gpu]" in cmd for cmd in cfg["setup_commands"])  # installs the CUDA vLLM extra
+    # Token auth: one token on every node, and every node's Ray started in token mode (a worker
+    # without it cannot join a head that has it).
+    assert cfg["file_mounts"]["~/.ray/auth_token"] == "~/.ray/auth_token"
+    starts = cfg["head_start_ray_commands"] + cfg["worker_start_ray_commands"]
+    assert all("RAY_AUTH_MODE=token" in c for c in starts if "ray start" in c)
 
 
 def test_gpu_node_types_satisfy_the_ppo_plan_of_the_bundled_gpu_config():
