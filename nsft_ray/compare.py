@@ -40,6 +40,7 @@ from pathlib import Path
 from typing import Any
 
 from nsft_ray.config import Config, save_config
+from nsft_ray.plan import DTYPE_BYTES, ModelShape, method_roles, model_shape
 
 __all__ = ["BaseGateFailed", "check_base_gate", "compare", "run_method", "role_bytes",
            "candidates", "budget", "gate_check", "protocol", "val_score"]
@@ -51,8 +52,6 @@ ABLATIONS: dict[str, dict[str, dict[str, Any]]] = {
     "nsft_kl": {},  # nsft.kl_coef = compare.ablation_kl_coef, set in _stage
     "nsft_refute_only": {},  # conversations built with negatives.corrective=refute_only
 }
-BYTES_PER_PARAM = {"float32": 4, "bfloat16": 2, "float16": 2}
-ADAM_STATES = 2  # AdamW keeps two fp32 moments per trainable parameter
 
 
 def algo_of(method: str) -> str:
@@ -60,23 +59,15 @@ def algo_of(method: str) -> str:
     return "nsft" if method in ABLATIONS else ("" if method == "base" else method)
 
 
-def role_bytes(method: str, cfg: Config, n_params: int, value_head: int = 0
+def role_bytes(method: str, cfg: Config, shape: ModelShape
                ) -> tuple[dict[str, int], dict[str, int]]:
-    """Parameter and optimizer bytes per resident role (computed from counts, not measured)."""
-    p = n_params * BYTES_PER_PARAM[cfg.model.dtype]
-    opt = n_params * 4 * ADAM_STATES
+    """Parameter and optimizer bytes per worker of each role `method` holds, from the memory
+    planner (nsft_ray/plan.py: model.freeze, precision, ZeRO stage and workers counted)."""
     if method == "base":
-        return {"policy": p}, {"policy": 0}
-    if method == "sft" or (method == "nsft" and cfg.nsft.kl_coef == 0):
-        return {"policy": p}, {"policy": opt}
-    if method in ("nsft", "dpo"):
-        if method == "dpo" and cfg.dpo.precompute_ref:
-            return {"policy": p}, {"policy": opt}
-        return {"policy": p, "reference": p}, {"policy": opt, "reference": 0}
-    head = value_head * BYTES_PER_PARAM[cfg.model.dtype]
-    params = {"actor": p, "critic": p + head, "reward": p + head, "reference": p}
-    return params, {"actor": opt, "critic": opt + value_head * 4 * ADAM_STATES,
-                    "reward": 0, "reference": 0}
+        return {"policy": shape.parameters * DTYPE_BYTES[cfg.model.dtype]}, {"policy": 0}
+    roles = method_roles(method, cfg, shape)
+    return ({name: r.memory.parameters for name, r in roles.items()},
+            {name: r.memory.optimizer for name, r in roles.items()})
 
 
 def _with(cfg: Config, **sections: dict) -> Config:
@@ -361,7 +352,6 @@ def _select(method: str, cfg: Config, out: Path, counts: dict) -> int:
 def run_method(method: str, seed: int, cfg: Config, out: Path, counts: dict,
                chosen: dict[str, int]) -> dict:
     """Train (unless base) and evaluate one method for one seed on eval; return its record."""
-    from nsft_ray.models import load_vlm, param_count
     from nsft_ray.ray_glue.eval import run_eval
 
     c = cfg.compare
@@ -383,10 +373,8 @@ def run_method(method: str, seed: int, cfg: Config, out: Path, counts: dict,
         model_dir = run_dir / "model"
     result = run_eval(str(model_dir), c.eval_data, dataclasses.replace(cfg.eval, split="eval"),
                       seed=seed)
-    model, _ = load_vlm(c.base_model)
-    hidden = getattr(model.config, "text_config", model.config).hidden_size
-    params, optim = role_bytes(algo_of(method) or "base", stage, param_count(model),
-                               value_head=hidden + 1)
+    params, optim = role_bytes(algo_of(method) or "base", stage,
+                               model_shape(c.base_model, stage.model.freeze, stage.plan))
     memory = summary.get("peak_memory_bytes_per_role") or (
         {"policy": summary["peak_memory_bytes"]} if summary.get("peak_memory_bytes") else {})
     return {

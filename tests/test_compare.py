@@ -24,14 +24,23 @@ from nsft_ray.world import corpus, write_world
 
 
 def test_role_bytes_count_models_and_adam_states():
-    cfg = Config()
-    params, optim = role_bytes("nsft", cfg, n_params=1000)
-    assert params == {"policy": 4000} and optim == {"policy": 8000}  # fp32 + two fp32 moments
-    params, optim = role_bytes("dpo", cfg, n_params=1000)
+    """The report's bytes per role come from the planner: float32 weights (4 B) and two float32
+    Adam moments (8 B) per trained parameter, frozen references with no optimizer state, the
+    value head's 11 float32 parameters on the critic and reward model (hidden 10)."""
+    from nsft_ray.plan import ModelShape
+
+    cfg = load_config(None, ["deepspeed.stage=0"])
+    shape = ModelShape(parameters=1000, trainable=1000, hidden=10, layers=1)
+    assert role_bytes("nsft", cfg, shape) == ({"policy": 4000}, {"policy": 8000})
+    params, optim = role_bytes("dpo", cfg, shape)
     assert params == {"policy": 4000, "reference": 4000} and optim["reference"] == 0
-    params, optim = role_bytes("ppo", cfg, n_params=1000, value_head=10)
-    assert set(params) == {"actor", "critic", "reward", "reference"}
-    assert params["critic"] == 4040 and optim["reward"] == 0 and optim["critic"] == 8080
+    params, optim = role_bytes("ppo", cfg, shape)
+    assert {"actor", "critic", "reward", "reference"} <= set(params)
+    assert params["critic"] == 4000 + 44 and optim["critic"] == 8000 + 88
+    assert params["reward"] == 4000 + 44 and optim["reward"] == 0
+    frozen = ModelShape(parameters=1000, trainable=600, hidden=10, layers=1)  # model.freeze
+    assert role_bytes("sft", cfg, frozen) == ({"policy": 4000}, {"policy": 4800})
+    assert role_bytes("base", cfg, shape) == ({"policy": 4000}, {"policy": 0})
 
 
 def test_unknown_method_is_rejected_when_the_config_loads():
