@@ -66,6 +66,8 @@ def test_ppo_job_autoscales_and_spreads_roles_over_nodes(cluster, assets, tmp_pa
     nodes = {n["node_id"]: n for n in cluster.nodes()}
     where = {role: {w["node_id"] for w in workers} for role, workers in summary["roles"].items()}
     used = set().union(*where.values())
+    print("\nppo roles per node: " + "; ".join(  # `pytest -s -m cluster` shows it
+        f"{n[-5:]}: {', '.join(r for r in where if n in where[r])}" for n in sorted(used)))
     # Five 1-CPU roles on 2-CPU nodes, a head with no CPU: at least 3 nodes the autoscaler added.
     assert len(used) >= 3 and not any(nodes[n]["is_head"] for n in used), where
     actor_node = nodes[next(iter(where["actor"]))]
