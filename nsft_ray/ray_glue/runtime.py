@@ -75,6 +75,9 @@ def quiet_embedded_worker() -> None:
     from ray.train.v2._internal.execution.controller import placement_group_cleaner
 
     logging.getLogger(placement_group_cleaner.__name__).setLevel(logging.ERROR)
+    # Ray Train's data split coordinator runs Ray Data in a worker, where it says again that the
+    # progress bars we turned off are off.
+    logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)
 
 
 def quiet_train_reports() -> None:
