@@ -14,6 +14,7 @@ Each Ray Train run costs ~20-40 s of start-up here, so each run checks several t
 """
 
 import json
+import time
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -116,6 +117,13 @@ def test_sft_ddp_quarantines_trains_exports_and_resumes(ray_local, assets):
     train(_cfg(assets, "sft", data, "deepspeed.enabled=false", "train.max_steps=5",
                "train.checkpoint_every=3"), "sft")
     assert _steps(assets / "sft") == [1, 2, 3, 4, 5]
+    # The two runs' step bars are closed on the driver (a repeated closing state reopened them:
+    # runtime._drop_repeated_bar_closes); their states arrive with the worker's forwarded logs.
+    from ray.experimental import tqdm_ray
+
+    time.sleep(3)
+    assert not [b.state["desc"] for g in tqdm_ray.instance().bar_groups.values()
+                for b in g.bars_by_uuid.values()]
 
 
 @pytest.mark.heavy
