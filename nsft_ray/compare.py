@@ -59,15 +59,20 @@ def algo_of(method: str) -> str:
     return "nsft" if method in ABLATIONS else ("" if method == "base" else method)
 
 
-def role_bytes(method: str, cfg: Config, shape: ModelShape
-               ) -> tuple[dict[str, int], dict[str, int]]:
-    """Parameter and optimizer bytes per worker of each role `method` holds, from the memory
-    planner (nsft_ray/plan.py: model.freeze, precision, ZeRO stage and workers counted)."""
+def role_bytes(method: str, cfg: Config, shape: ModelShape) -> dict[str, dict[str, int]]:
+    """Bytes per worker of each role `method` holds, from the memory planner (nsft_ray/plan.py:
+    model.freeze, precision, ZeRO stage, workers, micro-batch and train.max_length counted):
+    parameters, optimizer state, and the role's model-attributable peak (parameters, gradients,
+    optimizer, activations, KV cache: no runtime), as report fields."""
     if method == "base":
-        return {"policy": shape.parameters * DTYPE_BYTES[cfg.model.dtype]}, {"policy": 0}
+        weights = shape.parameters * DTYPE_BYTES[cfg.model.dtype]
+        return {"param_bytes_by_role": {"policy": weights},
+                "optimizer_bytes_by_role": {"policy": 0},
+                "model_bytes_by_role": {"policy": weights}}
     roles = method_roles(method, cfg, shape)
-    return ({name: r.memory.parameters for name, r in roles.items()},
-            {name: r.memory.optimizer for name, r in roles.items()})
+    return {"param_bytes_by_role": {n: r.memory.parameters for n, r in roles.items()},
+            "optimizer_bytes_by_role": {n: r.memory.optimizer for n, r in roles.items()},
+            "model_bytes_by_role": {n: r.memory.device() for n, r in roles.items()}}
 
 
 def _with(cfg: Config, **sections: dict) -> Config:
@@ -373,8 +378,8 @@ def run_method(method: str, seed: int, cfg: Config, out: Path, counts: dict,
         model_dir = run_dir / "model"
     result = run_eval(str(model_dir), c.eval_data, dataclasses.replace(cfg.eval, split="eval"),
                       seed=seed)
-    params, optim = role_bytes(algo_of(method) or "base", stage,
-                               model_shape(c.base_model, stage.model.freeze, stage.plan))
+    planned = role_bytes(algo_of(method) or "base", stage,
+                         model_shape(c.base_model, stage.model.freeze, stage.plan))
     memory = summary.get("peak_memory_bytes_per_role") or (
         {"policy": summary["peak_memory_bytes"]} if summary.get("peak_memory_bytes") else {})
     return {
@@ -383,8 +388,7 @@ def run_method(method: str, seed: int, cfg: Config, out: Path, counts: dict,
         if method != "base" else {},
         "budget": budget(method, cfg, counts) if method != "base" else {},
         "models_resident": summary.get("models_resident", 1),
-        "memory_by_role": memory, "param_bytes_by_role": params,
-        "optimizer_bytes_by_role": optim,
+        "memory_by_role": memory, **planned,
         "train_seconds": summary.get("train_seconds", 0.0) + summary.get("reward_seconds", 0.0),
         "samples_per_s": summary.get("samples_per_s"),
         "tokens_per_s": summary.get("tokens_per_s"),

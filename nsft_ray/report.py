@@ -6,7 +6,8 @@ seeds.
 
 One RECORD per (method, seed), as `nsft_ray.compare` builds it:
     {"method", "seed", "eval" (nsft_ray.eval.evaluate's result, with its per-item "items"),
-     "models_resident", "memory_by_role" / "param_bytes_by_role" / "optimizer_bytes_by_role"
+     "models_resident", "memory_by_role" (measured process peaks) / "param_bytes_by_role" /
+     "optimizer_bytes_by_role" / "model_bytes_by_role" (the memory planner's, runtime excluded)
      ({role: bytes}), "train_seconds", "samples_per_s", "tokens_per_s", "steps",
      "curve" ([{"step", "loss"}])}
 Each metric is the mean over seeds with its 95% t-interval (stats.mean_ci). VERDICTS compare
@@ -59,7 +60,8 @@ NOTES = {
 PAIRS = (("nsft", "sft"), ("nsft", "dpo"), ("nsft", "ppo"), ("dpo", "sft"))
 NAMES = {"nsft": "nSFT", "sft": "SFT", "dpo": "DPO", "ppo": "PPO", "base": "base"}
 SCALARS = ("train_seconds", "samples_per_s", "tokens_per_s", "steps")  # mean over seeds
-ROLE_FIELDS = ("memory_by_role", "param_bytes_by_role", "optimizer_bytes_by_role")
+ROLE_FIELDS = ("memory_by_role", "param_bytes_by_role", "optimizer_bytes_by_role",
+               "model_bytes_by_role")
 MIB = 2**20
 DASH = "–"
 
@@ -124,11 +126,15 @@ def aggregate(records: Sequence[dict]) -> dict[str, dict[str, Any]]:
         peaks = [sum(float(v) for v in mem.values() if _present(v))
                  for r in rs if (mem := r.get("memory_by_role"))
                  and any(_present(v) for v in mem.values())]
+        # The planner's model-attributable bytes (no runtime): what the algorithm itself holds.
+        model = [sum(float(v) for v in mem.values()) for r in rs
+                 if (mem := r.get("model_bytes_by_role"))]
         agg: dict[str, Any] = {
             "seeds": [r.get("seed") for r in rs],
             "metrics": metrics,
             "models_resident": resident.pop() if resident else None,
             "peak_memory_bytes": _mean(peaks),
+            "model_memory_bytes": _mean(model),
             **{f: _mean_by_role([r.get(f) for r in rs]) for f in ROLE_FIELDS},
             **{f: _mean([float(r[f]) for r in rs if _present(r.get(f))]) for f in SCALARS},
         }
@@ -157,7 +163,8 @@ def markdown_table(agg: dict[str, dict[str, Any]]) -> str:
         if higher is not None and len(set(means)) > 1:
             best[label] = _fmt(max(means) if higher else min(means), 3)
     head = ["method", "seeds", *[label for label, _, _ in METRICS],
-            "models resident", "peak memory (MiB)", "train s", "samples/s"]
+            "models resident", "peak memory (MiB)", "model memory (MiB, plan)", "train s",
+            "samples/s"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for method, m in agg.items():
         cells = [method, str(len(m["seeds"]))]
@@ -167,9 +174,10 @@ def markdown_table(agg: dict[str, dict[str, Any]]) -> str:
             text = f"**{text}**" if best.get(label) == text else text
             half = _half_width(s)
             cells.append(text + ("" if half is None else f" ± {half:.3f}"))
-        mem = m["peak_memory_bytes"]
+        mem, model = m["peak_memory_bytes"], m.get("model_memory_bytes")
         cells += [DASH if m["models_resident"] is None else str(m["models_resident"]),
                   _fmt(None if mem is None else mem / MIB, 1),
+                  _fmt(None if model is None else model / MIB, 1),
                   _fmt(m["train_seconds"], 1), _fmt(m["samples_per_s"], 1)]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)

@@ -31,16 +31,25 @@ def test_role_bytes_count_models_and_adam_states():
 
     cfg = load_config(None, ["deepspeed.stage=0"])
     shape = ModelShape(parameters=1000, trainable=1000, hidden=10, layers=1)
-    assert role_bytes("nsft", cfg, shape) == ({"policy": 4000}, {"policy": 8000})
-    params, optim = role_bytes("dpo", cfg, shape)
+
+    def split(method, shape):
+        b = role_bytes(method, cfg, shape)
+        return b["param_bytes_by_role"], b["optimizer_bytes_by_role"]
+
+    assert split("nsft", shape) == ({"policy": 4000}, {"policy": 8000})
+    params, optim = split("dpo", shape)
     assert params == {"policy": 4000, "reference": 4000} and optim["reference"] == 0
-    params, optim = role_bytes("ppo", cfg, shape)
+    params, optim = split("ppo", shape)
     assert {"actor", "critic", "reward", "reference"} <= set(params)
     assert params["critic"] == 4000 + 44 and optim["critic"] == 8000 + 88
     assert params["reward"] == 4000 + 44 and optim["reward"] == 0
     frozen = ModelShape(parameters=1000, trainable=600, hidden=10, layers=1)  # model.freeze
-    assert role_bytes("sft", cfg, frozen) == ({"policy": 4000}, {"policy": 4800})
-    assert role_bytes("base", cfg, shape) == ({"policy": 4000}, {"policy": 0})
+    assert split("sft", frozen) == ({"policy": 4000}, {"policy": 4800})
+    assert split("base", shape) == ({"policy": 4000}, {"policy": 0})
+    # The model-attributable peak: weights + Adam + the larger of gradients and activations.
+    peak = role_bytes("sft", cfg, shape)["model_bytes_by_role"]["policy"]
+    assert peak >= 4000 + 8000 + 4000 and role_bytes("base", cfg, shape)[
+        "model_bytes_by_role"] == {"policy": 4000}
 
 
 def test_unknown_method_is_rejected_when_the_config_loads():
@@ -152,6 +161,9 @@ def test_compare_protocol_gate_shared_rows_selection_and_resume(tmp_path, ray_se
     assert not (out / "selection" / "nsft.json").exists()  # not compared, not tuned
     sft = json.loads((out / "records" / "sft-seed0.json").read_text())
     assert sft["budget"] == {"rows": 8, "steps": 2}
+    # The planner's split for the trained model: weights, Adam moments, a model peak above both.
+    model, params = sft["model_bytes_by_role"]["policy"], sft["param_bytes_by_role"]["policy"]
+    assert model > params + sft["optimizer_bytes_by_role"]["policy"] > params > 0
     report = json.loads((out / "report.json").read_text())
     assert report["protocol"]["shared_rows"]["shared_pairs"] == 8
     assert report["protocol"]["grid_size"] == 2

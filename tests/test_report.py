@@ -43,6 +43,8 @@ def _records() -> list[dict]:
     rs += [_record("nsft", s, _eval(a, c, 0.6), secs=s * 10.0) for s, (a, c) in
            enumerate([(0.80, 0.10), (0.90, 0.12), (0.85, 0.08)])]
     rs += [_record("ppo", s, _eval(0.78, 0.2, None), ppo_mem, n=4, floor=0.2) for s in range(2)]
+    for r in rs[-2:]:
+        r["model_bytes_by_role"] = {"actor": 10 * 2**20, "critic": 20 * 2**20}
     return rs
 
 
@@ -89,7 +91,8 @@ def test_none_values_are_skipped_not_zero():
     assert empty["metrics"]["count"] == {"mean": None, "ci_low": None, "ci_high": None,
                                          "std": None, "values": []}
     row = markdown_table({"base": empty}).splitlines()[2]
-    assert row.count("–") == len(METRICS) + 4
+    # every metric, models resident, peak memory, model memory, train s, samples/s
+    assert row.count("–") == len(METRICS) + 5
 
 
 def _cell(table: str, method: str, label: str) -> str:
@@ -119,6 +122,9 @@ def test_bold_goes_to_the_best_cell_each_direction():
     assert _cell(table, "nsft", "count") == "**0.600** ± 0.000"
     assert _cell(table, "ppo", "peak memory (MiB)") == "1000.0"
     assert _cell(table, "ppo", "models resident") == "4"
+    # The planner's model memory: the sum over roles (here 10 + 20 MiB), "–" when not recorded.
+    assert _cell(table, "ppo", "model memory (MiB, plan)") == "30.0"
+    assert _cell(table, "sft", "model memory (MiB, plan)") == "–"
 
 
 def test_ties_for_best_are_bolded_alike():
