@@ -138,54 +138,37 @@ def measure_trainer(method: str, assets: dict[str, Path], batch: int) -> dict:
             "measured": measured, "shape": f"{micro['input_ids'].shape[0]} x {seqs}"}
 
 
+# The Roles calls of one PPO iteration, by the role whose memory each one uses.
+CALL_ROLE = {"actor_logprobs": "actor", "update_actor": "actor", "critic_values": "critic",
+             "update_critic": "critic", "reward_scores": "reward",
+             "reference_logprobs": "reference"}
+
+
 def _measured_roles(cfg):
-    """InProcessRoles whose every role call is measured on its own (peak per role)."""
-    from nsft_ray.algorithms.ppo import InProcessRoles
+    """InProcessRoles whose every role call is measured on its own (peak per role), and which
+    records the scored sequences' prompt and response lengths."""
+    from nsft_ray.algorithms.ppo import InProcessRoles, Sequences
 
-    class MeasuredRoles(InProcessRoles):
-        def __init__(self, cfg):
-            super().__init__(cfg)
-            self.peaks = dict.fromkeys(PPO_ROLES, 0)
-            self.lengths = {"prompt": 0, "response": 0}
+    roles = InProcessRoles(cfg)
+    roles.peaks, roles.lengths = dict.fromkeys(PPO_ROLES, 0), {}
+    held = {"actor": [roles.actor.model, roles.actor.engine.optimizer],
+            "critic": [roles.critic.model, roles.critic.engine.optimizer],
+            "reference": [roles.reference.model],
+            "reward": [m for m in [roles.reward.model] if m is not None]}
 
-        def _held(self, role: str) -> list[Any]:
-            held = {"actor": [self.actor.model, self.actor.engine.optimizer],
-                    "critic": [self.critic.model, self.critic.engine.optimizer],
-                    "reference": [self.reference.model],
-                    "reward": [m for m in [self.reward.model] if m is not None]}
-            return held[role]
-
-        def _measure(self, role: str, fn: Callable[[], Any]) -> Any:
-            out, peak = peak_bytes(self._held(role), fn)
-            self.peaks[role] = max(self.peaks[role], peak)
+    def measured(role: str, call: Callable[..., Any]) -> Callable[..., Any]:
+        def run(*args: Any) -> Any:
+            if isinstance(args[0], Sequences):
+                roles.lengths = {"prompt": args[0].prompt_len,
+                                 "response": args[0].action_mask.shape[1]}
+            out, peak = peak_bytes(held[role], lambda: call(*args))
+            roles.peaks[role] = max(roles.peaks[role], peak)
             return out
+        return run
 
-        def actor_logprobs(self, seq, images):
-            self.lengths = {"prompt": seq.prompt_len, "response": seq.action_mask.shape[1]}
-            return self._measure("actor", lambda: super(MeasuredRoles, self).actor_logprobs(
-                seq, images))
-
-        def reference_logprobs(self, seq, images):
-            return self._measure("reference", lambda: super(
-                MeasuredRoles, self).reference_logprobs(seq, images))
-
-        def critic_values(self, seq, images):
-            return self._measure("critic", lambda: super(MeasuredRoles, self).critic_values(
-                seq, images))
-
-        def reward_scores(self, seq, images, texts, metas):
-            return self._measure("reward", lambda: super(MeasuredRoles, self).reward_scores(
-                seq, images, texts, metas))
-
-        def update_actor(self, exp, images, seed):
-            return self._measure("actor", lambda: super(MeasuredRoles, self).update_actor(
-                exp, images, seed))
-
-        def update_critic(self, exp, images, seed):
-            return self._measure("critic", lambda: super(MeasuredRoles, self).update_critic(
-                exp, images, seed))
-
-    return MeasuredRoles(cfg)
+    for name, role in CALL_ROLE.items():
+        setattr(roles, name, measured(role, getattr(roles, name)))
+    return roles
 
 
 def measure_ppo(assets: dict[str, Path], batch: int, max_new_tokens: int) -> list[dict]:

@@ -369,6 +369,7 @@ def ppo_roles(cfg: Config, shape: ModelShape) -> dict[str, RolePlan]:
     states = model_states(shape.parameters, shape.trainable, param_bytes=p, mixed=False,
                           stage=0, workers=1)
     load = Memory(host=shape.parameters * p)  # load_vlm builds each model in host memory first
+
     def scoring(role: str, logits: bool) -> int:  # a role's no-grad pass over its sequences
         n = scored(role)
         return inference_bytes(n, seq_len, shape, p) + (
@@ -397,7 +398,7 @@ def ppo_roles(cfg: Config, shape: ModelShape) -> dict[str, RolePlan]:
     reward = Memory() if ppo.reward == "rules" else Memory(
         parameters=shape.parameters * p + 4 * head, host=shape.parameters * p,
         # the last hidden states beside the pass's working tensors
-        activations=scored("reward") * seq_len * shape.hidden * p + scoring("reward", False))
+        activations=scored("reward") * seq_len * shape.hidden * p + scoring("reward", logits=False))
     out["reward"] = RolePlan("reward", roles.reward.num_actors, reward,
                              "rules (no model)" if ppo.reward == "rules" else "frozen value model")
     out["rollout"] = _rollout(cfg, shape, _share(rollout, roles.rollout.num_actors), seq_len)

@@ -82,6 +82,14 @@ def _mean(values: Sequence[float]) -> float | None:
     return statistics.fmean(values) if values else None
 
 
+def _run_totals(records: Sequence[dict], field: str) -> list[float]:
+    """Per run, the sum of `field`'s roles (memory of one run = its roles' together); runs
+    that recorded none of them are left out."""
+    return [sum(float(v) for v in by_role.values() if _present(v))
+            for r in records if (by_role := r.get(field))
+            and any(_present(v) for v in by_role.values())]
+
+
 def _mean_by_role(dicts: list[dict | None]) -> dict[str, float]:
     """Role -> mean over the seeds that measured it (roles in first-seen order)."""
     values: dict[str, list[float]] = {}
@@ -122,19 +130,13 @@ def aggregate(records: Sequence[dict]) -> dict[str, dict[str, Any]]:
         resident = {r["models_resident"] for r in rs if _present(r.get("models_resident"))}
         if len(resident) > 1:  # the same method keeps the same models; differing counts is a bug
             raise ValueError(f"method {method!r}: models_resident differs across seeds: {resident}")
-        # Peak memory of one run = the sum of its roles' peaks; then the mean over runs.
-        peaks = [sum(float(v) for v in mem.values() if _present(v))
-                 for r in rs if (mem := r.get("memory_by_role"))
-                 and any(_present(v) for v in mem.values())]
-        # The planner's model-attributable bytes (no runtime): what the algorithm itself holds.
-        model = [sum(float(v) for v in mem.values()) for r in rs
-                 if (mem := r.get("model_bytes_by_role"))]
         agg: dict[str, Any] = {
             "seeds": [r.get("seed") for r in rs],
             "metrics": metrics,
             "models_resident": resident.pop() if resident else None,
-            "peak_memory_bytes": _mean(peaks),
-            "model_memory_bytes": _mean(model),
+            # measured process peaks; the planner's model-attributable bytes (no runtime)
+            "peak_memory_bytes": _mean(_run_totals(rs, "memory_by_role")),
+            "model_memory_bytes": _mean(_run_totals(rs, "model_bytes_by_role")),
             **{f: _mean_by_role([r.get(f) for r in rs]) for f in ROLE_FIELDS},
             **{f: _mean([float(r[f]) for r in rs if _present(r.get(f))]) for f in SCALARS},
         }

@@ -32,6 +32,7 @@ import socket
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -188,7 +189,7 @@ class RayRoles:
         for role, hs in self.by_role.items():
             self.where[role] = []
             for rank, h in enumerate(hs):  # in place: self.actor and the others alias these lists
-                hs[rank], where = started(h, lambda r=rank, m=self.make[role]: m(r),
+                hs[rank], where = started(h, partial(self.make[role], rank),
                                           f"{role} actor {rank}")
                 self.where[role].append(where)
         self.groups = self.reservation.table()  # as Ray reports them while they hold the roles

@@ -30,6 +30,8 @@ REPORT_POLL_ENV = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
 REPORT_POLL_S = "0.2"
 # For RunConfig(logging_config=...): "Reporting training result N: TrainingReport(...)" is INFO.
 TRAIN_LOGGING = ray.train.LoggingConfig(log_level="WARNING")
+# Ray Data's logger that says (once per process, as a warning) that the bars we turned off are off.
+RAY_DATA_PROGRESS = "ray.data._internal.progress"
 
 
 def ensure_ray(address: str = "", num_cpus: int | None = None) -> None:
@@ -41,7 +43,7 @@ def ensure_ray(address: str = "", num_cpus: int | None = None) -> None:
     # splits, eval passes) would interleave with it. Datasets carry this context to their workers.
     ray.data.DataContext.get_current().enable_progress_bars = False
     # ...and Ray Data would say once, as a warning, that its bars are off.
-    logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)
+    logging.getLogger(RAY_DATA_PROGRESS).setLevel(logging.ERROR)
     address = address or os.environ.get("RAY_ADDRESS", "")
     if address:
         ray.init(address=address, logging_level=logging.WARNING)
@@ -101,7 +103,7 @@ def quiet_embedded_worker() -> None:
     logging.getLogger(placement_group_cleaner.__name__).setLevel(logging.ERROR)
     # Ray Train's data split coordinator runs Ray Data in a worker, where it says again that the
     # progress bars we turned off are off.
-    logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)
+    logging.getLogger(RAY_DATA_PROGRESS).setLevel(logging.ERROR)
 
 
 def quiet_train_reports() -> None:
