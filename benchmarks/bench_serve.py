@@ -3,6 +3,7 @@ in-process, at equal batch size, in one run.
 
     python benchmarks/bench_serve.py --model-dir runs/tiny_vlm --batch 8 --requests 64 \
         --out runs/bench_serve.json
+    python benchmarks/bench_serve.py --quick --out runs/bench_serve_quick.json
 
 in-process: the backend's generate() on batches of exactly `--batch` requests, built from the same
 JSON body the HTTP clients send (parse -> validate -> decode image -> generate).
@@ -11,6 +12,9 @@ http: `--batch` concurrent clients against a Serve app whose model deployment ba
 with as many torch threads). Batches fill from concurrent arrivals, so a server batch can be
 smaller than `--batch` when a client is between requests.
 Without --model-dir a tiny Idefics3 model is built into a temporary folder.
+--quick: Ray Serve started once; `--repeats` interleaved rounds of (in-process, http) at --batch
+and at batch 1; the JSON's `ratios.serve_http_vs_in_process` and `p50_overhead_ms_batch1` are
+taken between the medians. `outputs_agree`: both modes returned the same greedy texts.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import argparse
 import json
 import os
 import socket
+import statistics
 import sys
 import tempfile
 import time
@@ -32,7 +37,7 @@ import httpx  # noqa: E402
 
 from benchmarks.load_test import make_payloads, percentile  # noqa: E402
 
-__all__ = ["bench_in_process", "bench_http", "run_bench", "main"]
+__all__ = ["InProcess", "bench_in_process", "bench_http", "run_bench", "run_quick", "main"]
 
 MODEL = "bench"
 
@@ -46,61 +51,76 @@ def _summary(mode: str, batch: int, latencies: list[float], elapsed: float) -> d
     }
 
 
-def bench_in_process(model_dir: str, backend: str, batch: int, requests: int,
-                     max_tokens: int, threads: int) -> dict:
-    """The backend called directly with batches of `batch` requests; latency = its batch's time."""
-    import torch
+class InProcess:
+    """The backend loaded in this process with `threads` torch threads, as a replica runs it."""
 
-    from serve.api import parse_request, to_gen_request
-    from serve.backends import make_backend
-    from serve.config import LimitsConfig
+    def __init__(self, model_dir: str, backend: str, threads: int) -> None:
+        import torch
 
-    # The replica gets `threads` CPUs (Ray sets OMP_NUM_THREADS to match): the same compute here.
-    previous = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    limits = LimitsConfig()
-    engine = make_backend(backend, model_dir, limits)
+        from serve.backends import make_backend
+        from serve.config import LimitsConfig
+
+        # The replica gets `threads` CPUs and as many torch threads: the same compute here.
+        torch.set_num_threads(threads)
+        self.limits = LimitsConfig()
+        self.engine = make_backend(backend, model_dir, self.limits)
+
+    def generate(self, body: bytes, batch: int) -> list[str]:
+        """`batch` copies of the JSON `body`, parsed, validated and decoded like the gateway
+        does, generated as one batch; -> the first choice's text of each."""
+        from serve.api import parse_request, to_gen_request
+
+        results = self.engine.generate([to_gen_request(parse_request(body), self.limits)
+                                        for _ in range(batch)])
+        if any(not hasattr(r, "choices") for r in results):
+            raise RuntimeError(f"in-process generate failed: {results}")
+        return [r.choices[0][0] for r in results]
+
+
+def bench_in_process(local: InProcess, batch: int, requests: int, max_tokens: int,
+                     warmup: int = 3) -> dict:
+    """Batches of exactly `batch` requests; latency = its batch's time (parsing included)."""
     good, _ = make_payloads(MODEL, max_tokens)
-    for _ in range(3):  # warm-up: first calls allocate and tune kernels
-        engine.generate([to_gen_request(parse_request(good), limits)] * batch)
+    for _ in range(warmup):  # first calls allocate and tune kernels
+        local.generate(good, batch)
     latencies: list[float] = []
+    texts: set[str] = set()
     t0 = time.perf_counter()
     while len(latencies) < requests:
         t = time.perf_counter()
-        # Each request is parsed and decoded like the gateway does, inside the timing.
-        results = engine.generate([to_gen_request(parse_request(good), limits)
-                                   for _ in range(batch)])
-        if any(not hasattr(r, "choices") for r in results):
-            raise RuntimeError(f"in-process generate failed: {results}")
+        texts.update(local.generate(good, batch))
         latencies += [time.perf_counter() - t] * batch
     elapsed = time.perf_counter() - t0
-    torch.set_num_threads(previous)
-    return _summary("in-process", batch, latencies, elapsed)
+    return {**_summary("in-process", batch, latencies, elapsed), "texts": sorted(texts)}
 
 
-def bench_http(url: str, model: str, batch: int, requests: int, max_tokens: int) -> dict:
+def bench_http(url: str, model: str, batch: int, requests: int, max_tokens: int,
+               warmup: int = 2) -> dict:
     """`batch` concurrent clients sending `requests` in total; latency per HTTP request."""
     good, _ = make_payloads(model, max_tokens)
     endpoint = url.rstrip("/") + "/v1/chat/completions"
     headers = {"Content-Type": "application/json"}
     with httpx.Client(timeout=120.0) as warm:
-        for _ in range(2):
+        for _ in range(warmup):
             warm.post(endpoint, content=good, headers=headers).raise_for_status()
 
-    def client(n: int) -> list[float]:
+    def client(n: int) -> list[tuple[float, str]]:
         out = []
         with httpx.Client(timeout=120.0) as http:
             for _ in range(n):
                 t = time.perf_counter()
-                http.post(endpoint, content=good, headers=headers).raise_for_status()
-                out.append(time.perf_counter() - t)
+                r = http.post(endpoint, content=good, headers=headers)
+                r.raise_for_status()
+                out.append((time.perf_counter() - t, r.json()["choices"][0]["message"]["content"]))
         return out
 
     shares = [requests // batch + (i < requests % batch) for i in range(batch)]
     t0 = time.perf_counter()
     with ThreadPoolExecutor(max_workers=batch) as pool:
-        latencies = [lat for part in pool.map(client, shares) for lat in part]
-    return _summary("http (Ray Serve)", batch, latencies, time.perf_counter() - t0)
+        done = [item for part in pool.map(client, shares) for item in part]
+    summary = _summary("http (Ray Serve)", batch, [lat for lat, _ in done],
+                       time.perf_counter() - t0)
+    return {**summary, "texts": sorted({text for _, text in done})}
 
 
 def _free_port() -> int:
@@ -131,10 +151,28 @@ def _start_serve(model_dir: str, model: str, backend: str, batch: int, threads: 
     return f"http://127.0.0.1:{port}"
 
 
+def _stop_serve() -> None:
+    from ray import serve
+
+    serve.shutdown()
+
+
+def _ratio(http: dict, inproc: dict) -> float:
+    return round(http["requests_per_s"] / inproc["requests_per_s"], 3)
+
+
 def run_bench(model_dir: str, *, backend: str = "hf", batch: int = 8, requests: int = 64,
               max_tokens: int = 16, threads: int = 1, url: str = "", model: str = MODEL) -> dict:
-    """Both modes on the same model, served as `model` (at `url` if given, else started here)."""
-    inproc = bench_in_process(model_dir, backend, batch, requests, max_tokens, threads)
+    """Both modes once on the same model, served as `model` (at `url` if given, else started
+    here)."""
+    import torch
+
+    previous = torch.get_num_threads()
+    try:
+        inproc = bench_in_process(InProcess(model_dir, backend, threads), batch, requests,
+                                  max_tokens)
+    finally:
+        torch.set_num_threads(previous)
     started = not url
     if started:
         url = _start_serve(model_dir, model, backend, batch, threads)
@@ -142,14 +180,67 @@ def run_bench(model_dir: str, *, backend: str = "hf", batch: int = 8, requests: 
         http = bench_http(url, model, batch, requests, max_tokens)
     finally:
         if started:
-            from ray import serve
-
-            serve.shutdown()
+            _stop_serve()
     return {
         "model_dir": model_dir, "backend": backend, "max_tokens": max_tokens, "threads": threads,
         "results": [inproc, http],
+        "outputs_agree": inproc["texts"] == http["texts"],
         "http_overhead_p50_ms": round(http["p50_ms"] - inproc["p50_ms"], 1),
-        "http_throughput_ratio": round(http["requests_per_s"] / inproc["requests_per_s"], 3),
+        "http_throughput_ratio": _ratio(http, inproc),
+        "ratios": {"serve_http_vs_in_process": _ratio(http, inproc)},
+    }
+
+
+def _median_row(rows: list[dict]) -> dict:
+    """The per-key median of repeats of one mode at one batch."""
+    out = {k: rows[0][k] for k in ("mode", "batch", "requests")}
+    for key in ("requests_per_s", "p50_ms", "p99_ms"):
+        out[key] = round(statistics.median(r[key] for r in rows), 2)
+    out["repeats"] = len(rows)
+    return out
+
+
+def run_quick(model_dir: str, *, backend: str = "hf", batch: int = 8, requests: int = 64,
+              requests_batch1: int = 16, max_tokens: int = 16, threads: int = 1,
+              repeats: int = 3, url: str = "", model: str = MODEL) -> dict:
+    """`repeats` interleaved rounds of (in-process, http) at `batch` and at batch 1; one Serve
+    app for all rounds. Ratios and overheads are taken between the medians."""
+    local = InProcess(model_dir, backend, threads)
+    started = not url
+    if started:
+        url = _start_serve(model_dir, model, backend, batch, threads)
+    sizes = [(batch, requests)] + ([(1, requests_batch1)] if batch != 1 else [])
+    raw: dict[tuple[str, int], list[dict]] = {}
+    try:
+        for b, n in sizes:  # warm both sides at each batch before any timing
+            bench_in_process(local, b, b, max_tokens, warmup=2)
+            bench_http(url, model, b, b, max_tokens, warmup=2)
+        for _ in range(repeats):
+            for b, n in sizes:
+                raw.setdefault(("in-process", b), []).append(
+                    bench_in_process(local, b, n, max_tokens, warmup=0))
+                raw.setdefault(("http", b), []).append(
+                    bench_http(url, model, b, n, max_tokens, warmup=0))
+    finally:
+        if started:
+            _stop_serve()
+    med = {key: _median_row(rows) for key, rows in raw.items()}
+    texts = {key: sorted({t for r in rows for t in r["texts"]}) for key, rows in raw.items()}
+    agree = all(texts[("in-process", b)] == texts[("http", b)] for b, _ in sizes)
+    return {
+        "quick": True, "model_dir": model_dir, "backend": backend, "max_tokens": max_tokens,
+        "threads": threads, "repeats": repeats,
+        "results": [med[(m, b)] for b, _ in sizes for m in ("in-process", "http")],
+        "raw": {f"{m}@{b}": [{k: r[k] for k in ("requests_per_s", "p50_ms", "p99_ms")}
+                             for r in rows] for (m, b), rows in raw.items()},
+        "texts": {f"{m}@{b}": t for (m, b), t in texts.items()},
+        "outputs_agree": agree,
+        "http_overhead_p50_ms": round(med[("http", batch)]["p50_ms"]
+                                      - med[("in-process", batch)]["p50_ms"], 1),
+        "p50_overhead_ms_batch1": round(med[("http", 1)]["p50_ms"]
+                                        - med[("in-process", 1)]["p50_ms"], 1),
+        "ratios": {"serve_http_vs_in_process": _ratio(med[("http", batch)],
+                                                      med[("in-process", batch)])},
     }
 
 
@@ -160,8 +251,12 @@ def print_table(report: dict) -> None:
     print("  ".join(c.ljust(w) for c, w in zip(cols, widths, strict=True)))
     for row in rows:
         print("  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)))
-    print(f"http overhead at p50: {report['http_overhead_p50_ms']} ms; "
-          f"http / in-process throughput: {report['http_throughput_ratio']}")
+    if report.get("quick"):
+        print(f"medians of {report['repeats']} interleaved repeats; p50 overhead at batch 1: "
+              f"{report['p50_overhead_ms_batch1']} ms")
+    print(f"http overhead at p50: {report['http_overhead_p50_ms']} ms; http / in-process "
+          f"throughput: {report['ratios']['serve_http_vs_in_process']}; "
+          f"outputs agree: {report['outputs_agree']}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -176,6 +271,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--url", default="", help="use this running server instead of starting Ray "
                    "Serve (it must serve --model-dir as --model)")
     p.add_argument("--model", default=MODEL, help="served name of the model")
+    p.add_argument("--quick", action="store_true",
+                   help="medians of --repeats interleaved rounds at --batch and at batch 1, one "
+                   "Serve app for all (under 4 minutes on 2 cores)")
+    p.add_argument("--repeats", type=int, default=3, help="rounds per mode with --quick")
+    p.add_argument("--requests-batch1", type=int, default=16,
+                   help="requests per round at batch 1 with --quick")
     p.add_argument("--out", default="", help="JSON file to write")
     args = p.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -187,9 +288,15 @@ def main(argv: list[str] | None = None) -> int:
 
         model_dir = str(build_tiny_vlm(Path(tempfile.mkdtemp()) / "tiny_vlm",
                                        corpus(WorldConfig(), n=300, seed=0)))
-    report = run_bench(str(Path(model_dir).resolve()), backend=args.backend, batch=args.batch,
-                       requests=args.requests, max_tokens=args.max_tokens,
-                       threads=args.threads, url=args.url, model=args.model)
+    common = dict(backend=args.backend, batch=args.batch, requests=args.requests,
+                  max_tokens=args.max_tokens, threads=args.threads, url=args.url,
+                  model=args.model)
+    model_dir = str(Path(model_dir).resolve())
+    if args.quick:
+        report = run_quick(model_dir, repeats=args.repeats,
+                           requests_batch1=args.requests_batch1, **common)
+    else:
+        report = run_bench(model_dir, **common)
     print_table(report)
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
