@@ -212,7 +212,7 @@ def run_quick(model_dir: str, *, backend: str = "hf", batch: int = 8, requests: 
     sizes = [(batch, requests)] + ([(1, requests_batch1)] if batch != 1 else [])
     raw: dict[tuple[str, int], list[dict]] = {}
     try:
-        for b, n in sizes:  # warm both sides at each batch before any timing
+        for b, _ in sizes:  # warm both sides at each batch before any timing
             bench_in_process(local, b, b, max_tokens, warmup=2)
             bench_http(url, model, b, b, max_tokens, warmup=2)
         for _ in range(repeats):
