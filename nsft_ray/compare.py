@@ -382,13 +382,16 @@ def run_method(method: str, seed: int, cfg: Config, out: Path, counts: dict,
                          model_shape(c.base_model, stage.model.freeze, stage.plan))
     memory = summary.get("peak_memory_bytes_per_role") or (
         {"policy": summary["peak_memory_bytes"]} if summary.get("peak_memory_bytes") else {})
+    # What each process held before its model loaded (summary.json's memory; older runs: none).
+    measured = (summary.get("memory") or {}).get("measured") or {}
+    runtime = {"policy" if g == "trainer" else g: m["runtime_bytes"] for g, m in measured.items()}
     return {
         "method": method, "seed": seed, "eval": result,
         "hyperparameters": candidates(algo_of(method), cfg)[chosen[algo_of(method)]]
         if method != "base" else {},
         "budget": budget(method, cfg, counts) if method != "base" else {},
         "models_resident": summary.get("models_resident", 1),
-        "memory_by_role": memory, **planned,
+        "memory_by_role": memory, "runtime_bytes_by_role": runtime, **planned,
         "train_seconds": summary.get("train_seconds", 0.0) + summary.get("reward_seconds", 0.0),
         "samples_per_s": summary.get("samples_per_s"),
         "tokens_per_s": summary.get("tokens_per_s"),

@@ -16,6 +16,7 @@ import csv
 import itertools
 import json
 import math
+import os
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -38,6 +39,7 @@ __all__ = [
     "make_scheduler",
     "lr_lambda",
     "peak_memory_bytes",
+    "current_memory_bytes",
     "MetricsWriter",
     "read_metrics",
 ]
@@ -169,6 +171,17 @@ def peak_memory_bytes(device: torch.device | str = "cpu") -> int:
 
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return int(rss if sys.platform == "darwin" else rss * 1024)  # Linux reports KiB
+
+
+def current_memory_bytes(device: torch.device | str = "cpu") -> int:
+    """Memory this process holds now: CUDA allocator bytes on GPU, resident set size on CPU."""
+    if torch.device(device).type == "cuda":
+        return int(torch.cuda.memory_allocated(device))
+    try:
+        with open("/proc/self/statm") as f:  # Linux: pages (size, resident, ...)
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except OSError:  # no procfs (macOS): unknown, and the summary says so with None
+        return 0
 
 
 class MetricsWriter:

@@ -29,7 +29,8 @@ from nsft_ray.config import Config, PlanConfig
 
 __all__ = ["GiB", "INSTANCES", "Memory", "ModelShape", "NodeType", "Placement", "PlanRefused",
            "RolePlan", "format_method", "format_nodes", "format_shape", "kv_cache_bytes",
-           "lm_activation_bytes", "logits_bytes", "method_roles", "model_shape", "model_states",
+           "lm_activation_bytes", "logits_bytes", "memory_split", "method_roles", "model_shape",
+           "model_states",
            "inference_bytes", "live_node_types", "node_types", "place", "vision_activation_bytes",
            "zero_buffer_bytes"]
 
@@ -431,6 +432,28 @@ def method_roles(algo: str, cfg: Config, shape: ModelShape) -> dict[str, RolePla
     if algo in ("sft", "nsft", "dpo", "reward"):
         return trainer_roles(algo, cfg, shape)
     raise ValueError(f"algorithm {algo!r}: expected sft, nsft, dpo, reward or ppo")
+
+
+def memory_split(algo: str, cfg: Config, peak: dict[str, int], runtime: dict[str, int]) -> dict:
+    """A run's memory for summary.json: per process group (a trainer's workers, a PPO role's
+    actors) the measured peak, the runtime it held before loading a model (torch, Ray, Ray Data,
+    DeepSpeed: alike for every algorithm) and the difference, which the model and the algorithm
+    hold; beside it the planner's parts per role, so that nSFT / DPO / PPO ratios compare
+    algorithms, not runtimes. Measured bytes are process RSS on CPU, the CUDA allocator's on GPU
+    (where the runtime is ~0); a runtime of 0 means it could not be read, and the difference
+    is then None."""
+    measured = {g: {"peak_bytes": p, "runtime_bytes": runtime.get(g, 0),
+                    "model_bytes": p - runtime[g] if p and runtime.get(g) else None}
+                for g, p in peak.items()}
+    try:
+        shape = model_shape(cfg.model.name_or_path, cfg.model.freeze, cfg.plan)
+    except PlanRefused as e:  # a model the planner cannot size: the measured split only
+        return {"measured": measured, "plan": None, "plan_note": str(e)}
+    parts = ("parameters", "gradients", "optimizer", "activations", "kv_cache", "buffers")
+    plan = {name: {**{p: getattr(role.memory, p) for p in parts},
+                   "peak": role.memory.device(), "workers": role.workers}
+            for name, role in method_roles(algo, cfg, shape).items()}
+    return {"measured": measured, "plan": plan}
 
 
 # ------------------------------------------------------------------------------------- cluster

@@ -60,8 +60,8 @@ NOTES = {
 PAIRS = (("nsft", "sft"), ("nsft", "dpo"), ("nsft", "ppo"), ("dpo", "sft"))
 NAMES = {"nsft": "nSFT", "sft": "SFT", "dpo": "DPO", "ppo": "PPO", "base": "base"}
 SCALARS = ("train_seconds", "samples_per_s", "tokens_per_s", "steps")  # mean over seeds
-ROLE_FIELDS = ("memory_by_role", "param_bytes_by_role", "optimizer_bytes_by_role",
-               "model_bytes_by_role")
+ROLE_FIELDS = ("memory_by_role", "runtime_bytes_by_role", "param_bytes_by_role",
+               "optimizer_bytes_by_role", "model_bytes_by_role")
 MIB = 2**20
 DASH = "–"
 
@@ -88,6 +88,16 @@ def _run_totals(records: Sequence[dict], field: str) -> list[float]:
     return [sum(float(v) for v in by_role.values() if _present(v))
             for r in records if (by_role := r.get(field))
             and any(_present(v) for v in by_role.values())]
+
+
+def _model_measured(records: Sequence[dict]) -> float | None:
+    """Mean over runs of the measured peak less the runtime baseline, summed over a run's
+    processes; runs that did not record their runtime (0 or absent) are left out."""
+    runs = [sum(peak[g] - runtime[g] for g in peak)
+            for r in records if (peak := r.get("memory_by_role"))
+            and (runtime := r.get("runtime_bytes_by_role"))
+            and all(runtime.get(g) for g in peak)]
+    return _mean(runs)
 
 
 def _mean_by_role(dicts: list[dict | None]) -> dict[str, float]:
@@ -137,6 +147,8 @@ def aggregate(records: Sequence[dict]) -> dict[str, dict[str, Any]]:
             # measured process peaks; the planner's model-attributable bytes (no runtime)
             "peak_memory_bytes": _mean(_run_totals(rs, "memory_by_role")),
             "model_memory_bytes": _mean(_run_totals(rs, "model_bytes_by_role")),
+            # measured peaks less what each process held before loading a model
+            "model_measured_bytes": _model_measured(rs),
             **{f: _mean_by_role([r.get(f) for r in rs]) for f in ROLE_FIELDS},
             **{f: _mean([float(r[f]) for r in rs if _present(r.get(f))]) for f in SCALARS},
         }
@@ -165,7 +177,8 @@ def markdown_table(agg: dict[str, dict[str, Any]]) -> str:
         if higher is not None and len(set(means)) > 1:
             best[label] = _fmt(max(means) if higher else min(means), 3)
     head = ["method", "seeds", *[label for label, _, _ in METRICS],
-            "models resident", "peak memory (MiB)", "model memory (MiB, plan)", "train s",
+            "models resident", "peak memory (MiB)", "model memory (MiB, measured)",
+            "model memory (MiB, plan)", "train s",
             "samples/s"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for method, m in agg.items():
@@ -176,10 +189,10 @@ def markdown_table(agg: dict[str, dict[str, Any]]) -> str:
             text = f"**{text}**" if best.get(label) == text else text
             half = _half_width(s)
             cells.append(text + ("" if half is None else f" ± {half:.3f}"))
-        mem, model = m["peak_memory_bytes"], m.get("model_memory_bytes")
+        mem, measured = m["peak_memory_bytes"], m.get("model_measured_bytes")
+        model = m.get("model_memory_bytes")
         cells += [DASH if m["models_resident"] is None else str(m["models_resident"]),
-                  _fmt(None if mem is None else mem / MIB, 1),
-                  _fmt(None if model is None else model / MIB, 1),
+                  *(_fmt(None if b is None else b / MIB, 1) for b in (mem, measured, model)),
                   _fmt(m["train_seconds"], 1), _fmt(m["samples_per_s"], 1)]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)

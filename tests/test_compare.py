@@ -164,6 +164,8 @@ def test_compare_protocol_gate_shared_rows_selection_and_resume(tmp_path, ray_se
     # The planner's split for the trained model: weights, Adam moments, a model peak above both.
     model, params = sft["model_bytes_by_role"]["policy"], sft["param_bytes_by_role"]["policy"]
     assert model > params + sft["optimizer_bytes_by_role"]["policy"] > params > 0
+    # The measured peak beside the worker's runtime before its model loaded (training summary).
+    assert 0 < sft["runtime_bytes_by_role"]["policy"] < sft["memory_by_role"]["policy"]
     report = json.loads((out / "report.json").read_text())
     assert report["protocol"]["shared_rows"]["shared_pairs"] == 8
     assert report["protocol"]["grid_size"] == 2

@@ -358,6 +358,9 @@ def test_ppo_runs_in_one_process_with_ray_blocked(tiny, reward_model, tmp_path):
     assert d["actor_end"] != [initial]
     assert [state_digest(load_vlm(summary["model"])[0])] == d["actor_end"]
     assert "ppo/sync_greedy_match" not in lines[0]  # no engine copy in-process: nothing to sync
+    process = summary["memory"]["measured"]["process"]  # one process holds all four models
+    assert 0 < process["runtime_bytes"] < process["peak_bytes"]
+    assert process["model_bytes"] == process["peak_bytes"] - process["runtime_bytes"]
 
     shutil.rmtree(run / "checkpoints" / "iter_000002")  # as if it died during iteration 2
     shutil.rmtree(run / "model")

@@ -72,6 +72,13 @@ def test_four_roles_on_four_placement_groups(hf_run):
     per_role = summary["peak_memory_bytes_per_role"]
     assert set(per_role) == {*MODEL_ROLES, "rollout"} and all(v > 0 for v in per_role.values())
     assert summary["peak_memory_bytes"] == sum(per_role.values())
+    # Each role's peak split at what its actors held before loading a model (the runtime).
+    measured = summary["memory"]["measured"]
+    assert {g: m["peak_bytes"] for g, m in measured.items()} == per_role
+    assert all(0 < m["runtime_bytes"] < m["peak_bytes"]
+               and m["model_bytes"] == m["peak_bytes"] - m["runtime_bytes"]
+               for m in measured.values())
+    assert set(summary["memory"]["plan"]) >= set(MODEL_ROLES)
 
 
 def test_actor_learns_reference_stays_and_engine_follows(hf_run, setup):

@@ -45,6 +45,9 @@ def _records() -> list[dict]:
     rs += [_record("ppo", s, _eval(0.78, 0.2, None), ppo_mem, n=4, floor=0.2) for s in range(2)]
     for r in rs[-2:]:
         r["model_bytes_by_role"] = {"actor": 10 * 2**20, "critic": 20 * 2**20}
+    # The first ppo run recorded what each role's process held before its model loaded.
+    rs[-2]["runtime_bytes_by_role"] = {"actor": 100 * 2**20, "critic": 100 * 2**20,
+                                       "reward": 50 * 2**20, "reference": 50 * 2**20}
     return rs
 
 
@@ -91,8 +94,9 @@ def test_none_values_are_skipped_not_zero():
     assert empty["metrics"]["count"] == {"mean": None, "ci_low": None, "ci_high": None,
                                          "std": None, "values": []}
     row = markdown_table({"base": empty}).splitlines()[2]
-    # every metric, models resident, peak memory, model memory, train s, samples/s
-    assert row.count("–") == len(METRICS) + 5
+    # every metric, models resident, peak memory, model memory measured and planned, train s,
+    # samples/s
+    assert row.count("–") == len(METRICS) + 6
 
 
 def _cell(table: str, method: str, label: str) -> str:
@@ -125,6 +129,9 @@ def test_bold_goes_to_the_best_cell_each_direction():
     # The planner's model memory: the sum over roles (here 10 + 20 MiB), "–" when not recorded.
     assert _cell(table, "ppo", "model memory (MiB, plan)") == "30.0"
     assert _cell(table, "sft", "model memory (MiB, plan)") == "–"
+    # Measured: the peaks less the runtimes, 1000 - 300 MiB, from the one run that has both.
+    assert _cell(table, "ppo", "model memory (MiB, measured)") == "700.0"
+    assert _cell(table, "sft", "model memory (MiB, measured)") == "–"
 
 
 def test_ties_for_best_are_bolded_alike():

@@ -154,6 +154,24 @@ def test_nsft_zero3_two_workers_survives_a_killed_worker(ray_local, assets):
                                                       strict=True))
 
 
+def _check_memory_split(memory: dict, model_dir, frozen: tuple[str, ...]) -> None:
+    """summary.json's memory: the measured peak split at the runtime baseline, and the planner's
+    policy and reference parts against the model's own parameter counts (float32: 4 bytes a
+    parameter, Adam 8 bytes a trained one; the frozen parts take neither gradient nor state)."""
+    from nsft_ray.models import part_module
+
+    trainer = memory["measured"]["trainer"]
+    assert 0 < trainer["runtime_bytes"] < trainer["peak_bytes"]
+    assert trainer["model_bytes"] == trainer["peak_bytes"] - trainer["runtime_bytes"]
+    model, _ = load_vlm(model_dir)
+    total = sum(p.numel() for p in model.parameters())
+    fixed = sum(p.numel() for part in frozen for p in part_module(model, part).parameters())
+    policy, reference = memory["plan"]["policy"], memory["plan"]["reference"]
+    assert policy["parameters"] == reference["parameters"] == 4 * total
+    assert policy["gradients"] == 4 * (total - fixed) and policy["optimizer"] == 8 * (total - fixed)
+    assert reference["gradients"] == reference["optimizer"] == 0
+
+
 def test_nsft_kl_with_a_frozen_tower_on_zero2(ray_local, assets):
     """nSFT with the KL term, vision tower and connector frozen (their features cached), ZeRO-2:
     two models resident, a KL that is 0 at the start and positive once the policy moved, and
@@ -165,6 +183,7 @@ def test_nsft_kl_with_a_frozen_tower_on_zero2(ray_local, assets):
                "model.freeze=[vision,connector]", "train.micro_batch_size=2")
     summary = train(cfg, "nsft")
     assert summary["models_resident"] == 2 and summary["deepspeed_stage"] == 2
+    _check_memory_split(summary["memory"], assets / "base", frozen=("vision", "connector"))
     kl = [m["nsft/kl_loss"] for m in _metrics(assets / "nsft_kl")]
     assert kl[0] == pytest.approx(0.0, abs=1e-6) and kl[1] > 1e-6  # fails if KL is never computed
     model, _ = load_vlm(assets / "nsft_kl" / "model")

@@ -68,6 +68,7 @@ from nsft_ray.loop import (
     MetricsWriter,
     TorchEngine,
     TrainState,
+    current_memory_bytes,
     make_optimizer,
     make_scheduler,
     peak_memory_bytes,
@@ -92,6 +93,7 @@ from nsft_ray.models import (
     save_value_model,
 )
 from nsft_ray.negatives.claims import Vocabulary
+from nsft_ray.plan import memory_split
 from nsft_ray.schema import quarantine_table
 
 __all__ = [
@@ -774,6 +776,9 @@ class Roles(Protocol):
     def peak_memory(self) -> dict[str, int]:
         """Peak memory in bytes, per process group that holds models."""
 
+    def runtime_memory(self) -> dict[str, int]:
+        """Per process group, the bytes it held before loading any model (the runtime)."""
+
     def placement(self) -> dict:
         """Where the roles run: placement_groups, role_group and roles (summary.json keys)."""
 
@@ -793,6 +798,7 @@ class InProcessRoles:
                              "the actor with HF generate; set ppo.engine=hf, or run vLLM engines "
                              "with ray_glue.ppo.train_ppo")
         self.ppo, self.device = ppo, "cuda" if torch.cuda.is_available() else "cpu"
+        self.runtime_bytes = current_memory_bytes(self.device)  # before any model loads
         at, steps = Starts.of(cfg.model.name_or_path, ppo), optimizer_steps(ppo, 1)
         self.actor = load_actor(at.actor, dtype=dtype, device=self.device,
                                 freeze_parts=cfg.model.freeze, ppo=ppo, optim=cfg.optim,
@@ -859,6 +865,9 @@ class InProcessRoles:
 
     def peak_memory(self) -> dict[str, int]:
         return {"process": peak_memory_bytes(self.device)}
+
+    def runtime_memory(self) -> dict[str, int]:
+        return {"process": self.runtime_bytes}
 
     def placement(self) -> dict:
         here = [{"pid": os.getpid()}]
@@ -954,6 +963,7 @@ def run_ppo(cfg: Config, open_roles: OpenRoles) -> dict:
         roles.export(run_dir)
         digests |= {f"{r}_end": d for r, d in roles.digests().items()}
         memory, placement = roles.peak_memory(), roles.placement()
+        runtime = roles.runtime_memory()
     lines = [m for m in read_metrics(run_dir) if m.get("step", 0) > start.step]
     samples = state.samples - start.samples
     summary = {
@@ -969,6 +979,7 @@ def run_ppo(cfg: Config, open_roles: OpenRoles) -> dict:
         "models_resident": MODELS_RESIDENT if ppo.reward == "model" else MODELS_RESIDENT - 1,
         "peak_memory_bytes": sum(memory.values()),
         "peak_memory_bytes_per_role": memory,
+        "memory": memory_split("ppo", cfg, memory, runtime),  # measured vs runtime, and plan
         **placement,
         "digests": digests,
         "engine": ppo.engine,

@@ -68,7 +68,7 @@ from nsft_ray.algorithms.ppo import (
 from nsft_ray.collate import decode_image
 from nsft_ray.config import Config, OptimConfig, PPOConfig, WorldConfig
 from nsft_ray.generation import HFGenerator, Sampling, VLLMGenerator, user_turn
-from nsft_ray.loop import peak_memory_bytes
+from nsft_ray.loop import current_memory_bytes, peak_memory_bytes
 from nsft_ray.models import load_vlm
 from nsft_ray.ray_glue.placement import Reservation, check_memory, ppo_plan, reserve
 
@@ -309,6 +309,11 @@ class RayRoles:
         return {role: sum(ray.get([h.peak_memory.remote() for h in hs]))
                 for role, hs in self.by_role.items()}
 
+    def runtime_memory(self) -> dict[str, int]:
+        """Per role, what its actors held before loading a model, summed."""
+        return {role: sum(ray.get([h.runtime_memory.remote() for h in hs]))
+                for role, hs in self.by_role.items()}
+
     def placement(self) -> dict:
         return {"placement_groups": self.groups, "role_group": self.reservation.plan.role_group,
                 "roles": self.where}
@@ -344,6 +349,15 @@ class _Host:
         return {"pid": os.getpid(), "node_id": ctx.get_node_id(),
                 "placement_group_id": ctx.get_placement_group_id(),
                 "gpu_ids": [str(g) for g in ray.get_gpu_ids()]}
+
+    runtime_bytes = 0  # set first thing in each role's __init__, before any model loads
+
+    @staticmethod
+    def runtime_now() -> int:
+        return current_memory_bytes(_device())
+
+    def runtime_memory(self) -> int:
+        return self.runtime_bytes
 
     def peak_memory(self) -> int:
         """Peak of this process, plus the peak RSS of its children (vLLM's engine core)."""
@@ -414,6 +428,7 @@ class _TrainedHost(_Host):
 class ActorRole(_TrainedHost):
     def __init__(self, path: str, dtype: str, freeze_parts: tuple[str, ...], ppo: PPOConfig,
                  optim: OptimConfig, total_steps: int, seed: int):
+        self.runtime_bytes = self.runtime_now()
         self.role = load_actor(path, dtype=dtype, device=str(_device()),
                                freeze_parts=freeze_parts, ppo=ppo, optim=optim,
                                total_steps=total_steps, seed=seed)
@@ -451,6 +466,7 @@ class ActorRole(_TrainedHost):
 class CriticRole(_TrainedHost):
     def __init__(self, path: str, from_actor: bool, dtype: str, ppo: PPOConfig,
                  optim: OptimConfig, total_steps: int, seed: int):
+        self.runtime_bytes = self.runtime_now()
         self.role = load_critic(path, from_actor=from_actor, dtype=dtype, device=str(_device()),
                                 ppo=ppo, optim=optim, total_steps=total_steps, seed=seed)
         self.model, self.processor = self.role.model, self.role.processor
@@ -462,6 +478,7 @@ class CriticRole(_TrainedHost):
 @ray.remote
 class RewardRole(_Host):
     def __init__(self, kind: str, path: str, dtype: str, world: WorldConfig):
+        self.runtime_bytes = self.runtime_now()
         self.role = load_reward(kind, path, dtype=dtype, device=str(_device()), world=world)
         self.model, self.processor = self.role.model, self.role.processor
 
@@ -473,6 +490,7 @@ class RewardRole(_Host):
 @ray.remote
 class ReferenceRole(_Host):
     def __init__(self, path: str, dtype: str):
+        self.runtime_bytes = self.runtime_now()
         self.role = load_reference(path, dtype=dtype, device=str(_device()))
         self.model, self.processor = self.role.model, self.role.processor
 
@@ -485,6 +503,7 @@ class HFEngine(_Host):
     """Rollouts with transformers' generate; weights arrive as a state dict (object store)."""
 
     def __init__(self, path: str, dtype: str):
+        self.runtime_bytes = self.runtime_now()
         model, self.processor = load_vlm(path, dtype=dtype, device=str(_device()))
         self.model = frozen(model)
 
@@ -504,6 +523,7 @@ class VLLMEngine(_Host):
     """Rollouts with vllm.LLM (generation.VLLMGenerator: its CPU and GPU settings)."""
 
     def __init__(self, model_path: str, dtype: str, seed: int, max_model_len: int):
+        self.runtime_bytes = self.runtime_now()
         extra = {}
         if torch.cuda.is_available():
             from vllm.config import WeightTransferConfig

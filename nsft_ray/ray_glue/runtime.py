@@ -49,8 +49,14 @@ def ensure_ray(address: str = "", num_cpus: int | None = None) -> None:
         ray.init(address=address, logging_level=logging.WARNING)
         return
     poll = os.environ.setdefault(REPORT_POLL_ENV, REPORT_POLL_S)
+    # Without a GPU, DeepSpeed warns in every process that imports it that it "could not detect"
+    # one and falls back to CPU; naming the accelerator says the same thing once, here.
+    import torch
+
+    accelerator = os.environ.setdefault(
+        "DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
     env = {"env_vars": {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
-                        REPORT_POLL_ENV: poll,
+                        REPORT_POLL_ENV: poll, "DS_ACCELERATOR": accelerator,
                         "RAY_DATA_LOGGING_CONFIG": os.environ["RAY_DATA_LOGGING_CONFIG"]},
            "worker_process_setup_hook": quiet_embedded_worker}
     # Ray 2.60 announces at every local start that token auth is on by default; for an instance

@@ -47,11 +47,13 @@ from nsft_ray.loop import (
     MetricsWriter,
     TorchEngine,
     TrainState,
+    current_memory_bytes,
     fit,
     make_optimizer,
     make_scheduler,
     read_metrics,
 )
+from nsft_ray.plan import memory_split
 from nsft_ray.ray_glue.data import (
     QUARANTINE_FILE,
     read_conversations,
@@ -172,13 +174,16 @@ def train(cfg: Config, algo: str) -> dict:
         "train_seconds": round(seconds, 2),
         "samples_per_s": _mean([m[f"{algo}/samples_per_s"] for m in train_metrics]),
         "tokens_per_s": _mean([m.get(f"{algo}/tokens_per_s", 0.0) for m in train_metrics]),
-        "peak_memory_bytes": max((m["peak_memory_bytes"] for m in metrics), default=0),
+        "peak_memory_bytes": _peak(metrics),
         "models_resident": ALGORITHMS[algo].models_resident(cfg),
         "final_loss": train_metrics[-1][f"{algo}/loss"] if train_metrics else None,
         "checkpoint": result.checkpoint.path if result.checkpoint else None,
         "model": str(run_dir / "model") if cfg.train.export else None,
         "num_workers": cfg.resources.num_workers,
         "workers": read_workers(run_dir),  # rank, node id and start step of every worker start
+        # The worker's peak, its runtime before the model loaded, and the planner's parts.
+        "memory": memory_split(algo, cfg, {"trainer": _peak(metrics)}, {"trainer": max(
+            (w.get("runtime_bytes", 0) for w in read_workers(run_dir)), default=0)}),
         "deepspeed_stage": (cfg.deepspeed.zero_stage(cfg.resources.num_workers)
                             if cfg.deepspeed.enabled else None),
     }
@@ -192,6 +197,10 @@ def train(cfg: Config, algo: str) -> dict:
             batch_size=cfg.reward.eval_batch_size, device="cuda" if on_gpus(res) else "cpu"))
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
+
+
+def _peak(metrics: list[dict]) -> int:
+    return max((m["peak_memory_bytes"] for m in metrics), default=0)
 
 
 def _scaling(res: ResourcesConfig) -> ScalingConfig:
@@ -267,6 +276,7 @@ def train_loop_per_worker(config: dict) -> None:
     device = ray.train.torch.get_device()
 
     spec = ALGORITHMS[algo]
+    runtime = current_memory_bytes(device)  # torch, Ray and the data stack, before any model
     model, processor = spec.load(cfg)
     model.to(device)
     objective = spec.objective(cfg, model, device)
@@ -277,7 +287,7 @@ def train_loop_per_worker(config: dict) -> None:
     if checkpoint:
         with checkpoint.as_directory() as d:
             state = TrainState(**engine.load(Path(d))["train_state"])
-    _record_worker(run_dir, rank, state.step)
+    _record_worker(run_dir, rank, state.step, runtime)
 
     shard = ray.train.get_dataset_shard("train")  # (1) this worker's stream of rows
     collate = NumpyCollate(spec.collate(processor, cfg))
@@ -328,12 +338,13 @@ def train_loop_per_worker(config: dict) -> None:
         writer.close()
 
 
-def _record_worker(run_dir: Path, rank: int, step: int) -> None:
-    """Where this worker runs and the step it starts from, one line per worker start
-    (restarts included): summary.json's `workers`, and what a multi-node run is checked by."""
+def _record_worker(run_dir: Path, rank: int, step: int, runtime_bytes: int) -> None:
+    """Where this worker runs, the step it starts from and its memory before the model loaded,
+    one line per worker start (restarts included): summary.json's `workers` and `memory`, and
+    what a multi-node run is checked by."""
     ctx = ray.get_runtime_context()
     line = {"rank": rank, "node_id": ctx.get_node_id(), "pid": os.getpid(), "start_step": step,
-            "time": round(time.time(), 3)}
+            "time": round(time.time(), 3), "runtime_bytes": runtime_bytes}
     with (run_dir / WORKERS_FILE).open("a") as f:  # short appends: whole lines on one machine
         f.write(json.dumps(line) + "\n")
 
