@@ -141,6 +141,9 @@ def _start_serve(model_dir: str, model: str, backend: str, batch: int, threads: 
         root = str(Path(__file__).resolve().parents[1])
         os.environ["PYTHONPATH"] = os.pathsep.join(
             p for p in (root, os.environ.get("PYTHONPATH", "")) if p)
+        # Ray starts workers at nice 15; the in-process side runs at the driver's priority. On a
+        # shared machine that alone cut the replicas' CPU share: run both at the same priority.
+        os.environ.setdefault("RAY_worker_niceness", "0")
         ray.init(num_cpus=4, include_dashboard=False)
     port = _free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})

@@ -13,7 +13,6 @@ model. The gateway parses, validates and decodes images once, so the model repli
 from __future__ import annotations
 
 import argparse
-import asyncio
 import dataclasses
 import os
 import signal
@@ -28,6 +27,7 @@ from ray.serve.handle import DeploymentHandle
 from nsft_ray.config import ConfigError
 from serve.api import create_app, resolve_token
 from serve.backends import GenRequest, GenResult, make_backend
+from serve.batching import Batcher
 from serve.config import LimitsConfig, ReplicaConfig, ServeConfig, load_serve_config
 from serve.schemas import ApiError
 
@@ -43,13 +43,12 @@ class ModelServer:
     def __init__(self, backend: str, path: str, limits: LimitsConfig, max_batch_size: int,
                  batch_wait_timeout_s: float) -> None:
         self.backend = make_backend(backend, path, limits)
-        self.generate.set_max_batch_size(max_batch_size)
-        self.generate.set_batch_wait_timeout_s(batch_wait_timeout_s)
+        # serve/batching.py, not @serve.batch: Serve's batcher splits concurrent requests into
+        # batches of 1-2 while the model is busy (see that module's docstring).
+        self.batcher = Batcher(self.backend.generate, max_batch_size, batch_wait_timeout_s)
 
-    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
-    async def generate(self, requests: list[GenRequest]) -> list[GenResult | ApiError]:
-        # A worker thread keeps the replica's event loop free to queue the next batch.
-        return await asyncio.to_thread(self.backend.generate, requests)
+    async def generate(self, request: GenRequest) -> GenResult | ApiError:
+        return await self.batcher.submit(request)
 
 
 class HandleEngine:
@@ -104,7 +103,13 @@ def build_app(spec: ServeConfig) -> Application:
     if token is not None:
         # The replica may run on another node: carry the variable, not the driver's environment.
         actor_options["runtime_env"] = {"env_vars": {spec.auth_token_env: token}}
-    gateway = Gateway.options(num_replicas=spec.gateway_replicas, ray_actor_options=actor_options)
+    # A gateway request stays ongoing while its model generates, so the gateway must admit as many
+    # as the model replicas behind it accept; Serve's default (5) starved batches of 8 (issue 12).
+    r = spec.replicas
+    replicas = r.autoscaling.max_replicas if r.autoscaling else r.num_replicas
+    gateway_ongoing = -(-len(models) * r.max_ongoing_requests * replicas // spec.gateway_replicas)
+    gateway = Gateway.options(num_replicas=spec.gateway_replicas, ray_actor_options=actor_options,
+                              max_ongoing_requests=gateway_ongoing)
     return gateway.bind(models, spec.limits, spec.auth_token_env)
 
 
@@ -160,6 +165,9 @@ def main(argv: list[str] | None = None) -> int:
     need = len(cfg.models) * cfg.replicas.num_cpus * (
         cfg.replicas.autoscaling.max_replicas if cfg.replicas.autoscaling
         else cfg.replicas.num_replicas)
+    # Ray starts workers at nice 15 (background priority): serving is latency-bound and its
+    # replicas would lose the cores to any other process. Applies to a Ray started here only.
+    os.environ.setdefault("RAY_worker_niceness", "0")
     ensure_ray(num_cpus=max(os.cpu_count() or 1, int(need + 0.999)))
     # SIGTERM (docker stop, systemd) shuts down as cleanly as Ctrl-C.
     signal.signal(signal.SIGTERM, _interrupt)

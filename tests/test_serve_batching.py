@@ -1,0 +1,102 @@
+"""serve/batching.py: batches are cut when the model is free, results reach their own callers,
+errors reach every caller of the batch, and a lone caller never waits for company. No Ray."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # serve/ from a source checkout
+    sys.path.insert(0, str(ROOT))
+
+from serve.batching import Batcher  # noqa: E402
+
+
+def _slow_double(seconds: float):
+    def fn(items: list[int]) -> list[int]:
+        time.sleep(seconds)
+        return [2 * i for i in items]
+    return fn
+
+
+def test_arrivals_while_busy_form_one_batch():
+    """Fails if requests arriving one by one while a batch runs are cut into small batches
+    (Ray Serve's @serve.batch cut them every batch_wait_timeout_s: batches of 1-2)."""
+    batcher = Batcher(_slow_double(0.3), max_batch_size=8, wait_s=0.01)
+
+    async def main() -> list[int]:
+        first = asyncio.ensure_future(batcher.submit(100))
+        rest = []
+        for i in range(8):  # 20 ms apart, all within the first batch's 300 ms
+            await asyncio.sleep(0.02)
+            rest.append(asyncio.ensure_future(batcher.submit(i)))
+        return await asyncio.gather(first, *rest)
+
+    assert asyncio.run(main()) == [200] + [2 * i for i in range(8)]
+    assert batcher.batch_sizes == [1, 8]
+
+
+def test_closed_loop_callers_are_batched_together():
+    """Fails if the callers just answered are not waited for: 4 callers sending back to back
+    would alternate between a batch of 1 and a batch of 3."""
+    batcher = Batcher(_slow_double(0.05), max_batch_size=8, wait_s=2.0)
+
+    async def caller(k: int) -> list[int]:
+        return [await batcher.submit(10 * k + j) for j in range(5)]
+
+    async def main() -> list[list[int]]:
+        return await asyncio.gather(*(caller(k) for k in range(4)))
+
+    assert asyncio.run(main()) == [[2 * (10 * k + j) for j in range(5)] for k in range(4)]
+    assert batcher.batch_sizes[2:] == [4] * (len(batcher.batch_sizes) - 2)
+    assert sum(batcher.batch_sizes) == 20
+
+
+def test_lone_caller_does_not_wait_for_company():
+    """Fails if a single caller waits wait_s (60 s here) for a batch that cannot fill."""
+    batcher = Batcher(_slow_double(0.0), max_batch_size=8, wait_s=60.0)
+
+    async def main() -> list[int]:
+        return [await asyncio.wait_for(batcher.submit(i), timeout=20) for i in range(3)]
+
+    assert asyncio.run(main()) == [0, 2, 4]
+    assert batcher.batch_sizes == [1, 1, 1]
+
+
+def test_an_error_reaches_every_caller_of_its_batch_and_the_next_batch_runs():
+    calls = []
+
+    def fn(items: list[int]) -> list[int]:
+        calls.append(list(items))
+        if -1 in items:
+            raise ValueError("bad item")
+        return items
+
+    batcher = Batcher(fn, max_batch_size=4, wait_s=0.0)
+
+    async def main():
+        bad = await asyncio.gather(batcher.submit(-1), batcher.submit(5), return_exceptions=True)
+        return bad, await batcher.submit(7)
+
+    bad, good = asyncio.run(main())
+    assert [type(e) for e in bad] == [ValueError, ValueError]
+    assert good == 7 and calls[-1] == [7]
+
+
+def test_wrong_result_count_is_an_error_not_a_silent_mismatch():
+    batcher = Batcher(lambda items: items[:-1], max_batch_size=4, wait_s=0.0)
+
+    async def main():
+        return await asyncio.gather(batcher.submit(1), batcher.submit(2), return_exceptions=True)
+
+    assert all(isinstance(e, RuntimeError) for e in asyncio.run(main()))
+
+
+def test_bad_settings_are_refused():
+    with pytest.raises(ValueError, match="max_batch_size=0"):
+        Batcher(lambda items: items, max_batch_size=0, wait_s=0.0)
