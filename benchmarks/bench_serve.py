@@ -133,7 +133,7 @@ def _start_serve(model_dir: str, model: str, backend: str, batch: int, threads: 
     import ray
     from ray import serve
 
-    from serve.app import APP_NAME, build_app
+    from serve.app import APP_NAME, build_app, use_latency_settings
     from serve.config import load_serve_config
 
     if not ray.is_initialized():
@@ -141,9 +141,9 @@ def _start_serve(model_dir: str, model: str, backend: str, batch: int, threads: 
         root = str(Path(__file__).resolve().parents[1])
         os.environ["PYTHONPATH"] = os.pathsep.join(
             p for p in (root, os.environ.get("PYTHONPATH", "")) if p)
-        # Ray starts workers at nice 15; the in-process side runs at the driver's priority. On a
-        # shared machine that alone cut the replicas' CPU share: run both at the same priority.
-        os.environ.setdefault("RAY_worker_niceness", "0")
+        # The settings `nsft-ray serve` uses; among them the replicas' priority, which equals the
+        # in-process side's (the driver's) only with this.
+        use_latency_settings()
         ray.init(num_cpus=4, include_dashboard=False)
     port = _free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})

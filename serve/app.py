@@ -31,7 +31,10 @@ from serve.batching import Batcher
 from serve.config import LimitsConfig, ReplicaConfig, ServeConfig, load_serve_config
 from serve.schemas import ApiError
 
-__all__ = ["ModelServer", "Gateway", "HandleEngine", "build_app", "main", "APP_NAME"]
+__all__ = [
+    "ModelServer", "Gateway", "HandleEngine", "build_app", "main", "APP_NAME", "LATENCY_SETTINGS",
+    "use_latency_settings",
+]
 
 APP_NAME = "nsft-serve"
 
@@ -73,6 +76,27 @@ class Gateway:
 
     def __serve_build_asgi_app__(self):
         return self._fastapi
+
+
+# Ray and Ray Serve settings for a latency-bound app, read when Ray starts its processes (so they
+# reach the proxy too); measured with benchmarks/bench_serve.py --quick (issue 12).
+LATENCY_SETTINGS = {
+    # Ray starts workers at nice 15 (background priority): the replicas lost the cores to any
+    # other process on the machine, and to an in-process caller at nice 0.
+    "RAY_worker_niceness": "0",
+    # User code and the handle router on the replica's own event loop: two fewer thread handoffs
+    # (each a GIL wait) per request and hop. Our handlers do not block: generation runs in a
+    # worker thread (serve/batching.py).
+    "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0",
+    "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "0",
+}
+
+
+def use_latency_settings() -> None:
+    """LATENCY_SETTINGS into this process's environment (what is set already wins); call before
+    Ray starts. Has no effect on a cluster started elsewhere."""
+    for key, value in LATENCY_SETTINGS.items():
+        os.environ.setdefault(key, value)
 
 
 def _model_options(r: ReplicaConfig) -> dict:
@@ -165,9 +189,7 @@ def main(argv: list[str] | None = None) -> int:
     need = len(cfg.models) * cfg.replicas.num_cpus * (
         cfg.replicas.autoscaling.max_replicas if cfg.replicas.autoscaling
         else cfg.replicas.num_replicas)
-    # Ray starts workers at nice 15 (background priority): serving is latency-bound and its
-    # replicas would lose the cores to any other process. Applies to a Ray started here only.
-    os.environ.setdefault("RAY_worker_niceness", "0")
+    use_latency_settings()
     ensure_ray(num_cpus=max(os.cpu_count() or 1, int(need + 0.999)))
     # SIGTERM (docker stop, systemd) shuts down as cleanly as Ctrl-C.
     signal.signal(signal.SIGTERM, _interrupt)

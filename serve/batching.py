@@ -63,7 +63,9 @@ class Batcher:
             while not self._queue:
                 self._arrived.clear()
                 await self._arrived.wait()
-            await self._fill(want, free_since + self.wait_s)
+            # A caller waits for company at most wait_s after it could have run: after the
+            # model became free, or after it arrived when that is later.
+            await self._fill(want, max(free_since, self._queue[0].arrived) + self.wait_s)
             batch = [self._queue.popleft()
                      for _ in range(min(self.max_batch_size, len(self._queue)))]
             batch = [p for p in batch if not p.future.done()]  # callers that gave up
@@ -75,8 +77,8 @@ class Batcher:
             want = min(self.max_batch_size, len(self._queue) + len(batch))
 
     async def _fill(self, want: int, deadline: float) -> None:
-        """Wait until `want` callers are queued or until `deadline` (wait_s after the model was
-        free); a caller arriving later, or a lone caller, does not wait at all."""
+        """Wait until `want` callers are queued or until `deadline`; with `want` 1 (a lone caller)
+        nothing waits."""
         while len(self._queue) < want:
             left = deadline - time.monotonic()
             if left <= 0:
