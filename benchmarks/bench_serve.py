@@ -208,6 +208,9 @@ def run_quick(model_dir: str, *, backend: str = "hf", batch: int = 8, requests: 
               repeats: int = 3, url: str = "", model: str = MODEL) -> dict:
     """`repeats` interleaved rounds of (in-process, http) at `batch` and at batch 1; one Serve
     app for all rounds. Ratios and overheads are taken between the medians."""
+    import torch
+
+    previous = torch.get_num_threads()
     local = InProcess(model_dir, backend, threads)
     started = not url
     if started:
@@ -225,6 +228,7 @@ def run_quick(model_dir: str, *, backend: str = "hf", batch: int = 8, requests: 
                 raw.setdefault(("http", b), []).append(
                     bench_http(url, model, b, n, max_tokens, warmup=0))
     finally:
+        torch.set_num_threads(previous)
         if started:
             _stop_serve()
     med = {key: _median_row(rows) for key, rows in raw.items()}

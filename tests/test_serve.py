@@ -473,3 +473,17 @@ def test_playground_shows_every_models_answer(http_server, tmp_path):
             name, uri, "How many circles are there?", max_tokens=32))
         assert shown[name] == ("done", r.json()["choices"][0]["message"]["content"]), name
     assert shown["base"][1] != shown["nsft"][1]
+
+
+def test_gateway_admits_every_request_its_models_accept():
+    """Fails if the gateway keeps Serve's default of 5 ongoing requests: each one stays ongoing
+    while its model generates, so batches of 8 never formed behind it (issue 12)."""
+    from serve.app import build_app
+
+    cfg = load_serve_config(models={"a": "/m", "b": "/n"}, overrides=[
+        "replicas.max_ongoing_requests=16", "replicas.num_replicas=2"])
+    assert build_app(cfg)._bound_deployment._deployment_config.max_ongoing_requests == 2 * 16 * 2
+    auto = load_serve_config(models={"a": "/m"}, overrides=[
+        "replicas.max_ongoing_requests=10", "replicas.autoscaling.max_replicas=3",
+        "gateway_replicas=2"])
+    assert build_app(auto)._bound_deployment._deployment_config.max_ongoing_requests == 15

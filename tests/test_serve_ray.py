@@ -133,6 +133,19 @@ def test_bench_serve_reports_both_modes(server, model_dir, tmp_path):
     assert all(r["requests"] == 4 and r["requests_per_s"] > 0 for r in report["results"])
 
 
+def test_bench_serve_quick_reports_ratio_overhead_and_agreement(server, model_dir):
+    """Fails if --quick's JSON lacks the issue's keys, or HTTP and in-process answer differently."""
+    from benchmarks.bench_serve import run_quick
+
+    report = run_quick(model_dir, batch=2, requests=4, requests_batch1=2, max_tokens=4,
+                       repeats=1, url=server, model="base")
+    assert [(r["mode"], r["batch"]) for r in report["results"]] == [
+        ("in-process", 2), ("http (Ray Serve)", 2), ("in-process", 1), ("http (Ray Serve)", 1)]
+    assert report["ratios"]["serve_http_vs_in_process"] > 0
+    assert isinstance(report["p50_overhead_ms_batch1"], float)
+    assert report["outputs_agree"] is True
+
+
 @pytest.mark.vllm
 @pytest.mark.slow
 def test_vllm_backend_through_the_same_route(server, model_dir):
