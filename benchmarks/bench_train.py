@@ -205,8 +205,8 @@ def _config(assets: Path, args: argparse.Namespace, *overrides: str, plain: bool
     with --fast-options (and not `plain`) the demo's frozen tower and what it allows."""
     from nsft_ray.config import load_config
 
-    fast = [*FAST_OPTIONS, f"train.pack_tokens={args.max_length}"] \
-        if args.fast_options and not plain else []
+    pack = args.max_length if args.pack_tokens is None else args.pack_tokens
+    fast = [*FAST_OPTIONS, f"train.pack_tokens={pack}"] if args.fast_options and not plain else []
     return load_config(None, [*fast,
         f"model.name_or_path={assets / 'model'}", f"run.seed={args.seed}",
         f"train.data=[{assets / CONVERSATIONS}]", f"train.micro_batch_size={args.batch}",
@@ -214,6 +214,7 @@ def _config(assets: Path, args: argparse.Namespace, *overrides: str, plain: bool
         f"train.max_steps={args.warmup + args.steps}", "train.shuffle=false",
         f"optim.lr={args.lr}", "optim.schedule=constant", "optim.warmup_ratio=0.0",
         "optim.weight_decay=0.0", "optim.max_grad_norm=1.0", *overrides,
+        *([] if plain else args.set),
     ])
 
 
@@ -702,7 +703,9 @@ def _shared_flags(args: argparse.Namespace) -> list[str]:
     return ["--steps", str(args.steps), "--warmup", str(args.warmup), "--batch", str(args.batch),
             "--max-length", str(args.max_length), "--lr", str(args.lr), "--seed", str(args.seed),
             "--threads", str(args.threads), "--ray-poll-s", str(args.ray_poll_s),
-            *(["--fast-options"] if args.fast_options else [])]
+            *(["--fast-options"] if args.fast_options else []),
+            *([] if args.pack_tokens is None else ["--pack-tokens", str(args.pack_tokens)]),
+            *(["--set", *args.set] if args.set else [])]
 
 
 def measure(method: str, assets: Path, args: argparse.Namespace) -> dict[str, Any]:
@@ -925,6 +928,12 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--fast-options", action="store_true",
                    help="freeze vision + connector for every method; nsft also caches image "
                         "features and encodings and packs rows (see the module docstring)")
+    p.add_argument("--pack-tokens", type=int,
+                   help="with --fast-options: nsft's train.pack_tokens (default --max-length; "
+                        "0: padded rows, packing off)")
+    p.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE",
+                   help="extra config overrides for the nsft-ray methods, applied last (e.g. "
+                        "train.cache_image_features=false: one option's contribution at a time)")
     p.add_argument("--quick", action="store_true",
                    help="tiny, nsft vs trl_sft, 3 repeats, 10 steps after 2, --fast-options; "
                         "explicit flags still win")
