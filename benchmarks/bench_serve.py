@@ -95,8 +95,10 @@ def bench_in_process(local: InProcess, batch: int, requests: int, max_tokens: in
 
 
 def bench_http(url: str, model: str, batch: int, requests: int, max_tokens: int,
-               warmup: int = 2) -> dict:
-    """`batch` concurrent clients sending `requests` in total; latency per HTTP request."""
+               warmup: int = 2, clients: int = 0) -> dict:
+    """`clients` (default `batch`) concurrent clients sending `requests` in total against a
+    server batching up to `batch`; latency per HTTP request."""
+    clients = clients or batch
     good, _ = make_payloads(model, max_tokens)
     endpoint = url.rstrip("/") + "/v1/chat/completions"
     headers = {"Content-Type": "application/json"}
@@ -114,13 +116,13 @@ def bench_http(url: str, model: str, batch: int, requests: int, max_tokens: int,
                 out.append((time.perf_counter() - t, r.json()["choices"][0]["message"]["content"]))
         return out
 
-    shares = [requests // batch + (i < requests % batch) for i in range(batch)]
+    shares = [requests // clients + (i < requests % clients) for i in range(clients)]
     t0 = time.perf_counter()
-    with ThreadPoolExecutor(max_workers=batch) as pool:
+    with ThreadPoolExecutor(max_workers=clients) as pool:
         done = [item for part in pool.map(client, shares) for item in part]
     summary = _summary("http (Ray Serve)", batch, [lat for lat, _ in done],
                        time.perf_counter() - t0)
-    return {**summary, "texts": sorted({text for _, text in done})}
+    return {**summary, "clients": clients, "texts": sorted({text for _, text in done})}
 
 
 def _free_port() -> int:
@@ -196,7 +198,7 @@ def run_bench(model_dir: str, *, backend: str = "hf", batch: int = 8, requests: 
 
 def _median_row(rows: list[dict]) -> dict:
     """The per-key median of repeats of one mode at one batch."""
-    out = {k: rows[0][k] for k in ("mode", "batch", "requests")}
+    out = {k: rows[0][k] for k in ("mode", "batch", "requests", "clients") if k in rows[0]}
     for key in ("requests_per_s", "p50_ms", "p99_ms"):
         out[key] = round(statistics.median(r[key] for r in rows), 2)
     out["repeats"] = len(rows)
@@ -205,9 +207,10 @@ def _median_row(rows: list[dict]) -> dict:
 
 def run_quick(model_dir: str, *, backend: str = "hf", batch: int = 8, requests: int = 64,
               requests_batch1: int = 16, max_tokens: int = 16, threads: int = 1,
-              repeats: int = 3, url: str = "", model: str = MODEL) -> dict:
+              repeats: int = 3, url: str = "", model: str = MODEL, clients: int = 0) -> dict:
     """`repeats` interleaved rounds of (in-process, http) at `batch` and at batch 1; one Serve
-    app for all rounds. Ratios and overheads are taken between the medians."""
+    app for all rounds. Ratios and overheads are taken between the medians. At `batch`, HTTP has
+    `clients` concurrent clients (default `batch`); at batch 1, one."""
     import torch
 
     previous = torch.get_num_threads()
@@ -225,8 +228,8 @@ def run_quick(model_dir: str, *, backend: str = "hf", batch: int = 8, requests: 
             for b, n in sizes:
                 raw.setdefault(("in-process", b), []).append(
                     bench_in_process(local, b, n, max_tokens, warmup=0))
-                raw.setdefault(("http", b), []).append(
-                    bench_http(url, model, b, n, max_tokens, warmup=0))
+                raw.setdefault(("http", b), []).append(bench_http(
+                    url, model, b, n, max_tokens, warmup=0, clients=clients if b > 1 else 1))
     finally:
         torch.set_num_threads(previous)
         if started:
@@ -236,7 +239,7 @@ def run_quick(model_dir: str, *, backend: str = "hf", batch: int = 8, requests: 
     agree = all(texts[("in-process", b)] == texts[("http", b)] for b, _ in sizes)
     return {
         "quick": True, "model_dir": model_dir, "backend": backend, "max_tokens": max_tokens,
-        "threads": threads, "repeats": repeats,
+        "threads": threads, "repeats": repeats, "clients": clients or batch,
         "results": [med[(m, b)] for b, _ in sizes for m in ("in-process", "http")],
         "raw": {f"{m}@{b}": [{k: r[k] for k in ("requests_per_s", "p50_ms", "p99_ms")}
                              for r in rows] for (m, b), rows in raw.items()},
@@ -284,6 +287,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=3, help="rounds per mode with --quick")
     p.add_argument("--requests-batch1", type=int, default=16,
                    help="requests per round at batch 1 with --quick")
+    p.add_argument("--clients", type=int, default=0,
+                   help="concurrent HTTP clients at --batch (default --batch). Each client waits "
+                   "for its answer, so with exactly --batch of them the model idles for every "
+                   "round trip; 2x --batch keeps a full batch queued, as under real load")
     p.add_argument("--out", default="", help="JSON file to write")
     args = p.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -300,7 +307,7 @@ def main(argv: list[str] | None = None) -> int:
                   model=args.model)
     model_dir = str(Path(model_dir).resolve())
     if args.quick:
-        report = run_quick(model_dir, repeats=args.repeats,
+        report = run_quick(model_dir, repeats=args.repeats, clients=args.clients,
                            requests_batch1=args.requests_batch1, **common)
     else:
         report = run_bench(model_dir, **common)
