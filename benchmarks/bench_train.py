@@ -4,7 +4,7 @@
         [--steps N --warmup N --batch 8 --threads 1 --repeats 1 --fast-options]
     python benchmarks/bench_train.py --quick --out runs/bench_train_quick.json
 
-`--quick` (under 4 minutes on 2 cores): tiny only, `nsft` vs `trl_sft`, 3 interleaved repeats,
+`--quick` (under 4 minutes on 2 cores): tiny only, `nsft` vs `trl_sft`, 5 interleaved repeats,
 10 timed steps after 2, `--fast-options`; the JSON's top-level `ratios.nsft_vs_trl_sft` is the
 median samples/s of nsft over the median of TRL (each size also has its own `ratios`).
 
@@ -128,7 +128,7 @@ DATA_WAIT = {
 }
 # (timed steps, warm-up steps) per size when --steps/--warmup are not given.
 DEFAULT_STEPS = {"tiny": (40, 5), "small": (10, 2)}
-QUICK = {"repeats": 3, "methods": ["nsft", "trl_sft"], "steps": 10, "warmup": 2}
+QUICK = {"repeats": 5, "methods": ["nsft", "trl_sft"], "steps": 10, "warmup": 2}
 CONVERSATIONS = "conversations.parquet"
 MATMUL_SIZES = (1024, 1536, 2048)
 POLL_ENV = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
@@ -935,7 +935,7 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
                    help="extra config overrides for the nsft-ray methods, applied last (e.g. "
                         "train.cache_image_features=false: one option's contribution at a time)")
     p.add_argument("--quick", action="store_true",
-                   help="tiny, nsft vs trl_sft, 3 repeats, 10 steps after 2, --fast-options; "
+                   help="tiny, nsft vs trl_sft, 5 repeats, 10 steps after 2, --fast-options; "
                         "explicit flags still win")
     p.add_argument("--ray-poll-s", type=float, default=0.05,
                    help=f"{POLL_ENV} for the Ray methods (Ray's default: 2.0; see _run_ray)")
