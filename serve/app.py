@@ -130,8 +130,8 @@ def build_app(spec: ServeConfig) -> Application:
     # A gateway request stays ongoing while its model generates, so the gateway must admit as many
     # as the model replicas behind it accept; Serve's default (5) starved batches of 8 (issue 12).
     r = spec.replicas
-    replicas = r.autoscaling.max_replicas if r.autoscaling else r.num_replicas
-    gateway_ongoing = -(-len(models) * r.max_ongoing_requests * replicas // spec.gateway_replicas)
+    gateway_ongoing = -(-len(models) * r.max_ongoing_requests * r.max_replicas
+                        // spec.gateway_replicas)
     gateway = Gateway.options(num_replicas=spec.gateway_replicas, ray_actor_options=actor_options,
                               max_ongoing_requests=gateway_ongoing)
     return gateway.bind(models, spec.limits, spec.auth_token_env)
@@ -186,9 +186,7 @@ def main(argv: list[str] | None = None) -> int:
 
     # Logical CPUs: enough for every replica even on a 2-core laptop (they share the cores).
     # RAY_ADDRESS (a cluster) wins over this; ensure_ray reads it.
-    need = len(cfg.models) * cfg.replicas.num_cpus * (
-        cfg.replicas.autoscaling.max_replicas if cfg.replicas.autoscaling
-        else cfg.replicas.num_replicas)
+    need = len(cfg.models) * cfg.replicas.num_cpus * cfg.replicas.max_replicas
     use_latency_settings()
     ensure_ray(num_cpus=max(os.cpu_count() or 1, int(need + 0.999)))
     # SIGTERM (docker stop, systemd) shuts down as cleanly as Ctrl-C.

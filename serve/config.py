@@ -54,6 +54,11 @@ class ReplicaConfig:
     # caller never waits. 0.01 s split 8 closed-loop clients into 7 + 1 on a loaded machine.
     batch_wait_timeout_s: float = 0.05
 
+    @property
+    def max_replicas(self) -> int:
+        """The most replicas of one model deployment that can run at once."""
+        return self.autoscaling.max_replicas if self.autoscaling else self.num_replicas
+
 
 @dataclass(frozen=True)
 class LimitsConfig:

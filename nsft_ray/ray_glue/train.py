@@ -165,6 +165,7 @@ def train(cfg: Config, algo: str) -> dict:
     seconds = time.perf_counter() - start
     metrics = read_metrics(run_dir)
     train_metrics = [m for m in metrics if f"{algo}/samples_per_s" in m]
+    workers = read_workers(run_dir)  # rank, node id, start step and runtime of every start
     summary = {
         "algo": algo,
         "rows": rows,
@@ -180,10 +181,10 @@ def train(cfg: Config, algo: str) -> dict:
         "checkpoint": result.checkpoint.path if result.checkpoint else None,
         "model": str(run_dir / "model") if cfg.train.export else None,
         "num_workers": cfg.resources.num_workers,
-        "workers": read_workers(run_dir),  # rank, node id and start step of every worker start
+        "workers": workers,
         # The worker's peak, its runtime before the model loaded, and the planner's parts.
         "memory": memory_split(algo, cfg, {"trainer": _peak(metrics)}, {"trainer": max(
-            (w.get("runtime_bytes", 0) for w in read_workers(run_dir)), default=0)}),
+            (w.get("runtime_bytes", 0) for w in workers), default=0)}),
         "deepspeed_stage": (cfg.deepspeed.zero_stage(cfg.resources.num_workers)
                             if cfg.deepspeed.enabled else None),
     }
