@@ -167,9 +167,10 @@ def _ratio(http: dict, inproc: dict) -> float:
 
 
 def run_bench(model_dir: str, *, backend: str = "hf", batch: int = 8, requests: int = 64,
-              max_tokens: int = 16, threads: int = 1, url: str = "", model: str = MODEL) -> dict:
+              max_tokens: int = 16, threads: int = 1, url: str = "", model: str = MODEL,
+              clients: int = 0) -> dict:
     """Both modes once on the same model, served as `model` (at `url` if given, else started
-    here)."""
+    here); `clients` concurrent HTTP clients (default `batch`)."""
     import torch
 
     previous = torch.get_num_threads()
@@ -182,7 +183,7 @@ def run_bench(model_dir: str, *, backend: str = "hf", batch: int = 8, requests: 
     if started:
         url = _start_serve(model_dir, model, backend, batch, threads)
     try:
-        http = bench_http(url, model, batch, requests, max_tokens)
+        http = bench_http(url, model, batch, requests, max_tokens, clients=clients)
     finally:
         if started:
             _stop_serve()
@@ -304,10 +305,10 @@ def main(argv: list[str] | None = None) -> int:
                                        corpus(WorldConfig(), n=300, seed=0)))
     common = dict(backend=args.backend, batch=args.batch, requests=args.requests,
                   max_tokens=args.max_tokens, threads=args.threads, url=args.url,
-                  model=args.model)
+                  model=args.model, clients=args.clients)
     model_dir = str(Path(model_dir).resolve())
     if args.quick:
-        report = run_quick(model_dir, repeats=args.repeats, clients=args.clients,
+        report = run_quick(model_dir, repeats=args.repeats,
                            requests_batch1=args.requests_batch1, **common)
     else:
         report = run_bench(model_dir, **common)
