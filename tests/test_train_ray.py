@@ -113,9 +113,10 @@ def test_sft_ddp_quarantines_trains_exports_and_resumes(ray_local, assets):
                        max_new_tokens=8)
     assert len(answers) == 1 and isinstance(answers[0][0], str)
 
-    # Same run.dir, larger budget: continues at step 4 from the step-3 checkpoint.
+    # Same run.dir, larger budget: continues at step 4 from the step-3 checkpoint (collating
+    # in Ray Data's iterator thread this time, the other batch path).
     train(_cfg(assets, "sft", data, "deepspeed.enabled=false", "train.max_steps=5",
-               "train.checkpoint_every=3"), "sft")
+               "train.checkpoint_every=3", "train.prefetch_collate=true"), "sft")
     assert _steps(assets / "sft") == [1, 2, 3, 4, 5]
     # The two runs' step bars are closed on the driver (a repeated closing state reopened them:
     # runtime._drop_repeated_bar_closes); their states arrive with the worker's forwarded logs.
@@ -212,7 +213,9 @@ def test_zero2_interrupted_run_resumes_with_the_uninterrupted_losses(ray_local, 
     """Two 2-worker ZeRO-2 runs of 4 steps with the same config and seed: A runs through; B's
     rank 0 dies in step 3, after the step-2 checkpoint, and Ray Train restarts the group from it
     (a re-run of the same command resumes the same way: the sft test). B must give A's losses:
-    same weights, optimizer and LR-schedule state, and the same rows per worker.
+    same weights, optimizer and LR-schedule state, and the same rows per worker. A collates in
+    Ray Data's iterator thread (train.prefetch_collate), B on the training thread: the same
+    batches either way.
 
     The data is 4 files: with several blocks read in parallel, Ray Data's block order (and so
     each worker's rows) varied between runs until train.preserve_order (seen: 4 of 4 pairs of
@@ -228,7 +231,7 @@ def test_zero2_interrupted_run_resumes_with_the_uninterrupted_losses(ray_local, 
     common = (f"train.data=[{','.join(map(str, shards))}]", "deepspeed.stage=2",
               "resources.num_workers=2", "train.micro_batch_size=2", "train.max_steps=4",
               "train.checkpoint_every=2", "train.export=false")
-    train(_cfg(assets, "z2_a", *common), "nsft")
+    train(_cfg(assets, "z2_a", *common, "train.prefetch_collate=true"), "nsft")
     interrupted = _cfg(assets, "z2_b", *common, "train.crash_at_step=3", "train.max_failures=1")
     summary = train(interrupted, "nsft")  # rank 0 dies in step 3; Ray Train restarts the group
     run_b = assets / "z2_b"

@@ -291,14 +291,20 @@ def train_loop_per_worker(config: dict) -> None:
     _record_worker(run_dir, rank, state.step, runtime)
 
     shard = ray.train.get_dataset_shard("train")  # (1) this worker's stream of rows
-    collate = NumpyCollate(spec.collate(processor, cfg))
+    collate = spec.collate(processor, cfg)
+    if cfg.train.prefetch_collate:
+        collate = NumpyCollate(collate)
 
     def epochs(epoch: int):
-        return shard.iter_torch_batches(
-            batch_size=cfg.train.micro_batch_size, collate_fn=collate, drop_last=True,
-            local_shuffle_buffer_size=8 * cfg.train.micro_batch_size if cfg.train.shuffle else None,
-            local_shuffle_seed=cfg.run.seed * 1000 + epoch if cfg.train.shuffle else None,
-        )
+        shuffle = {"local_shuffle_buffer_size": 8 * cfg.train.micro_batch_size,
+                   "local_shuffle_seed": cfg.run.seed * 1000 + epoch} if cfg.train.shuffle else {}
+        if cfg.train.prefetch_collate:  # collated in Ray Data's iterator thread
+            return shard.iter_torch_batches(batch_size=cfg.train.micro_batch_size,
+                                            collate_fn=collate, drop_last=True, **shuffle)
+        # Collated here, on the training thread: the same batches (Ray Data's thread still
+        # fetches, shuffles and formats them), without two threads contending for the GIL.
+        return map(collate, shard.iter_batches(batch_size=cfg.train.micro_batch_size,
+                                               batch_format="numpy", drop_last=True, **shuffle))
 
     writer = MetricsWriter(run_dir) if rank == 0 else None
     bar = step_bar(algo, total_steps, state.step, show=rank == 0)
