@@ -19,9 +19,16 @@ round-robin and the table shows the median run (JSON: all). Every method runs wi
 torch threads (default 1: on a shared 2-core machine two OpenMP threads per process ran 10x slower
 than one); the JSON records the load average around the run.
 
+`--fast-options`: every method trains what the demo trains, vision tower and connector frozen
+(`model.freeze: [vision, connector]`; TRL: the same parameters frozen before the trainer builds its
+optimizer), and ours feeds each image's features, computed once, to the policy and to the frozen
+reference (`train.cache_image_features`, as bench_train.py's nsft): with the tower frozen there is
+no reason to run it for every sequence of every model. TRL has no such option and runs the tower in
+each of its forward passes.
+
 `--quick` (under 4 minutes on 2 cores): ours-live and trl-live, the like-for-like pair (both live
-reference, 2 models resident), 8 steps of 8 pairs, 3 interleaved repeats; the JSON's
-`ratios.dpo_vs_trl_dpo` = median ours-live pairs/s / median trl-live pairs/s, and
+reference, 2 models resident), 8 steps of 8 pairs, 3 interleaved repeats, `--fast-options`; the
+JSON's `ratios.dpo_vs_trl_dpo` = median ours-live pairs/s / median trl-live pairs/s, and
 `loss_check` compares the two methods' step losses (same batches, same start: they should agree).
 """
 
@@ -42,7 +49,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 METHODS = ("ours-live", "ours-live-stacked", "ours-precomputed", "trl-live", "trl-precomputed")
-QUICK = {"steps": 8, "warmup": 2, "batch": 8, "repeats": 3, "methods": ["ours-live", "trl-live"]}
+QUICK = {"steps": 8, "warmup": 2, "batch": 8, "repeats": 3, "methods": ["ours-live", "trl-live"],
+         "fast_options": True}
+# --fast-options: the demo's frozen tower, and the cached image features it allows (ours only).
+FAST_OPTIONS = ("model.freeze=[vision,connector]", "train.cache_image_features=true")
 # Step losses of ours and TRL on the same batches agree to this (float32, different kernels and
 # tokenisation paths); step 1 is log 2 on both (policy == reference).
 LOSS_TOLERANCE = 2e-3
@@ -103,20 +113,22 @@ def precompute(args: argparse.Namespace) -> dict:
 def ours(args: argparse.Namespace, precomputed: bool, shared_prefix: bool = True) -> dict:
     import torch
 
-    from nsft_ray.algorithms import frozen_copy
-    from nsft_ray.algorithms.dpo import dpo_objective
-    from nsft_ray.config import DPOConfig, OptimConfig
+    from nsft_ray.algorithms import ALGORITHMS
+    from nsft_ray.config import OptimConfig, load_config
     from nsft_ray.loop import Hooks, TorchEngine, fit, make_optimizer, make_scheduler
-    from nsft_ray.models import load_vlm
     from nsft_ray.preference_collate import PreferenceCollator
 
     torch.manual_seed(0)
     data = args.work / "ref_logps.parquet" if precomputed else args.data
     rows = load_rows(data, args.steps * args.batch)
-    model, processor = load_vlm(args.model)
-    reference = None if precomputed else frozen_copy(model)
-    objective = dpo_objective(DPOConfig(beta=args.beta, precompute_ref=precomputed,
-                                        shared_prefix=shared_prefix), reference)
+    # The model and objective a dpo training run builds (load + model.freeze, the frozen
+    # reference copy, the feature cache when the tower is frozen).
+    cfg = load_config(None, [f"model.name_or_path={args.model}", f"dpo.beta={args.beta}",
+                             f"dpo.precompute_ref={str(precomputed).lower()}",
+                             f"dpo.shared_prefix={str(shared_prefix).lower()}",
+                             *(FAST_OPTIONS if args.fast_options else ())])
+    model, processor = ALGORITHMS["dpo"].load(cfg)
+    objective = ALGORITHMS["dpo"].objective(cfg, model, torch.device("cpu"))
     optim = OptimConfig(lr=args.lr, schedule="constant", warmup_ratio=0.0, max_grad_norm=1.0)
     optimizer = make_optimizer(model, optim)
     engine = TorchEngine(model, optimizer, make_scheduler(optimizer, optim, args.steps), 1.0)
@@ -143,11 +155,13 @@ def trl(args: argparse.Namespace, precomputed: bool) -> dict:
     from trl import DPOConfig, DPOTrainer
 
     from nsft_ray.collate import decode_image
-    from nsft_ray.models import load_vlm
+    from nsft_ray.models import freeze, load_vlm
 
     torch.manual_seed(0)
     rows = load_rows(args.data, args.steps * args.batch)
     model, processor = load_vlm(args.model)
+    if args.fast_options:  # the same trainable weights as ours' model.freeze
+        freeze(model, ("vision", "connector"))
     ref_model, _ = load_vlm(args.model)
     dataset = Dataset.from_list([{
         "images": [decode_image(r["image"])],
@@ -203,7 +217,7 @@ def spawn(args: argparse.Namespace, method: str) -> dict:
            "--model", str(args.model), "--data", str(args.data), "--steps", str(args.steps),
            "--batch", str(args.batch), "--warmup", str(args.warmup), "--lr", str(args.lr),
            "--beta", str(args.beta), "--max-length", str(args.max_length),
-           "--threads", str(args.threads)]
+           "--threads", str(args.threads), *(["--fast-options"] if args.fast_options else [])]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     lines = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
     if proc.returncode or not lines:
@@ -290,6 +304,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--threads", type=int, default=1, help="torch threads per method")
     p.add_argument("--repeats", type=int, default=1, help="runs per method (median shown)")
     p.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
+    p.add_argument("--fast-options", action="store_true",
+                   help="freeze vision + connector for every method; ours also feeds each "
+                        "image's features, computed once, to the policy and the reference")
     p.add_argument("--quick", action="store_true",
                    help=f"ours-live vs trl-live, median of 3 interleaved repeats: {QUICK}")
     p.add_argument("--out", type=Path, default=Path("runs/bench/dpo.json"))
@@ -301,7 +318,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.quick:  # explicit flags on the command line still win
         given = {a.split("=")[0] for a in (argv if argv is not None else sys.argv[1:])}
         for key, value in QUICK.items():
-            if f"--{key}" not in given:
+            if f"--{key.replace('_', '-')}" not in given:
                 setattr(args, key, value)
     if args.method:
         print("RESULT " + json.dumps(run_one(args)), flush=True)
@@ -329,7 +346,7 @@ def main(argv: list[str] | None = None) -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     settings = {k: getattr(args, k) for k in ("steps", "batch", "warmup", "lr", "beta",
                                               "max_length", "size", "threads", "repeats",
-                                              "methods", "quick")}
+                                              "methods", "fast_options", "quick")}
     load = {"before": load_before, "after": os.getloadavg(), "cpus": os.cpu_count()}
     args.out.write_text(json.dumps({**summary, "settings": settings, "load_average": load,
                                     "notes": {m: NOTES[m] for m in args.methods},

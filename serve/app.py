@@ -8,6 +8,8 @@ ingress from serve/api.py). One deployment per model, rather than one holding a 
 each model then has its own replicas, autoscaling (driven by its own queue), batching and
 resources, a model that crashes or lags does not stall the others, and a replica's memory is one
 model. The gateway parses, validates and decodes images once, so the model replicas only generate.
+A single model is served by one `DirectModel` deployment instead (`direct: true`, the default):
+its replicas are the HTTP ingress and hold the model, so a request makes no gateway -> model hop.
 """
 
 from __future__ import annotations
@@ -32,15 +34,14 @@ from serve.config import LimitsConfig, ReplicaConfig, ServeConfig, load_serve_co
 from serve.schemas import ApiError
 
 __all__ = [
-    "ModelServer", "Gateway", "HandleEngine", "build_app", "main", "APP_NAME", "LATENCY_SETTINGS",
-    "use_latency_settings",
+    "ModelEngine", "ModelServer", "DirectModel", "Gateway", "HandleEngine", "build_app", "main",
+    "APP_NAME", "LATENCY_SETTINGS", "use_latency_settings",
 ]
 
 APP_NAME = "nsft-serve"
 
 
-@serve.deployment
-class ModelServer:
+class ModelEngine:
     """One model; concurrent requests are merged into batches of up to max_batch_size."""
 
     def __init__(self, backend: str, path: str, limits: LimitsConfig, max_batch_size: int,
@@ -52,6 +53,11 @@ class ModelServer:
 
     async def generate(self, request: GenRequest) -> GenResult | ApiError:
         return await self.batcher.submit(request)
+
+
+@serve.deployment
+class ModelServer(ModelEngine):
+    """A model behind the gateway (several models)."""
 
 
 class HandleEngine:
@@ -73,6 +79,21 @@ class Gateway:
                  auth_token_env: str) -> None:
         engines = {name: HandleEngine(handle) for name, handle in models.items()}
         self._fastapi = create_app(engines, limits, resolve_token(auth_token_env))
+
+    def __serve_build_asgi_app__(self):
+        return self._fastapi
+
+
+@serve.deployment
+@serve.ingress()
+class DirectModel:
+    """One model and the FastAPI ingress in the same replica: requests reach the batcher without
+    a gateway -> model call (a serialized request and a reply per request)."""
+
+    def __init__(self, name: str, backend: str, path: str, limits: LimitsConfig,
+                 max_batch_size: int, batch_wait_timeout_s: float, auth_token_env: str) -> None:
+        engine = ModelEngine(backend, path, limits, max_batch_size, batch_wait_timeout_s)
+        self._fastapi = create_app({name: engine}, limits, resolve_token(auth_token_env))
 
     def __serve_build_asgi_app__(self):
         return self._fastapi
@@ -111,25 +132,34 @@ def _model_options(r: ReplicaConfig) -> dict:
     return options
 
 
+def _token_env(spec: ServeConfig) -> dict:
+    """The bearer token's variable for the ingress replicas; fails here, not in a replica, when
+    it is unset. The replica may run on another node: carry the variable, not the environment."""
+    token = resolve_token(spec.auth_token_env)
+    return {} if token is None else {"runtime_env": {"env_vars": {spec.auth_token_env: token}}}
+
+
 def build_app(spec: ServeConfig) -> Application:
-    """The Serve application for `spec`: Gateway -> one ModelServer per model."""
-    models = {}
-    for name, path in spec.models.items():
-        # Replicas do not share the driver's working directory: pass absolute folders.
-        folder = str(Path(path).resolve()) if Path(path).exists() else path
-        models[name] = ModelServer.options(
-            name=f"model-{name}", **_model_options(spec.replicas)
-        ).bind(spec.backend, folder, spec.limits, spec.replicas.max_batch_size,
-               spec.replicas.batch_wait_timeout_s)
+    """The Serve application for `spec`: Gateway -> one ModelServer per model, or one
+    DirectModel for a single model (`direct`)."""
+    # Replicas do not share the driver's working directory: pass absolute folders.
+    folders = {name: str(Path(path).resolve()) if Path(path).exists() else path
+               for name, path in spec.models.items()}
+    r = spec.replicas
+    if spec.direct and len(folders) == 1:
+        [(name, folder)] = folders.items()
+        options = _model_options(r)
+        options["ray_actor_options"].update(_token_env(spec))
+        return DirectModel.options(name=f"model-{name}", **options).bind(
+            name, spec.backend, folder, spec.limits, r.max_batch_size, r.batch_wait_timeout_s,
+            spec.auth_token_env)
+    models = {name: ModelServer.options(name=f"model-{name}", **_model_options(r)).bind(
+        spec.backend, folder, spec.limits, r.max_batch_size, r.batch_wait_timeout_s)
+        for name, folder in folders.items()}
     # The gateway only parses and routes: no CPU reservation, so it never waits for a core.
-    actor_options: dict = {"num_cpus": 0}
-    token = resolve_token(spec.auth_token_env)  # fail here, not in a replica, when it is unset
-    if token is not None:
-        # The replica may run on another node: carry the variable, not the driver's environment.
-        actor_options["runtime_env"] = {"env_vars": {spec.auth_token_env: token}}
+    actor_options: dict = {"num_cpus": 0, **_token_env(spec)}
     # A gateway request stays ongoing while its model generates, so the gateway must admit as many
     # as the model replicas behind it accept; Serve's default (5) starved batches of 8 (issue 12).
-    r = spec.replicas
     gateway_ongoing = -(-len(models) * r.max_ongoing_requests * r.max_replicas
                         // spec.gateway_replicas)
     gateway = Gateway.options(num_replicas=spec.gateway_replicas, ray_actor_options=actor_options,

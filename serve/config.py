@@ -81,6 +81,9 @@ class ServeConfig:
     host: str = "127.0.0.1"
     port: int = 8000
     auth_token_env: str = ""  # environment variable holding the bearer token; empty: no auth
+    # One model: its replicas are the HTTP ingress too (no gateway -> model hop; measured with
+    # benchmarks/bench_serve.py). Several models always get a gateway in front.
+    direct: bool = True
     gateway_replicas: int = 1  # replicas of the FastAPI ingress (validation, routing)
     replicas: ReplicaConfig = field(default_factory=ReplicaConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)

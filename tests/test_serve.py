@@ -485,5 +485,27 @@ def test_gateway_admits_every_request_its_models_accept():
     assert build_app(cfg)._bound_deployment._deployment_config.max_ongoing_requests == 2 * 16 * 2
     auto = load_serve_config(models={"a": "/m"}, overrides=[
         "replicas.max_ongoing_requests=10", "replicas.autoscaling.max_replicas=3",
-        "gateway_replicas=2"])
+        "gateway_replicas=2", "direct=false"])
     assert build_app(auto)._bound_deployment._deployment_config.max_ongoing_requests == 15
+
+
+def test_one_model_is_its_own_ingress_unless_direct_is_off(monkeypatch):
+    """Fails if a single model keeps the gateway -> model hop by default, if its replicas lose
+    the model's options (CPUs, autoscaling, admission) or the bearer token, or if several models
+    (or direct=false) stop getting a gateway."""
+    from serve.app import DirectModel, Gateway, build_app
+
+    monkeypatch.setenv("NSFT_TEST_TOKEN", "s3cret")
+    one = load_serve_config(models={"a": "/m"}, overrides=[
+        "replicas.autoscaling.max_replicas=3", "replicas.num_cpus=2",
+        "replicas.max_ongoing_requests=12", "auth_token_env=NSFT_TEST_TOKEN"])
+    deployment = build_app(one)._bound_deployment
+    assert deployment.func_or_class is DirectModel.func_or_class and deployment.name == "model-a"
+    assert deployment.ray_actor_options["num_cpus"] == 2
+    assert deployment.ray_actor_options["runtime_env"] == {
+        "env_vars": {"NSFT_TEST_TOKEN": "s3cret"}}
+    assert deployment._deployment_config.autoscaling_config.max_replicas == 3
+    assert deployment._deployment_config.max_ongoing_requests == 12
+    for cfg in (load_serve_config(models={"a": "/m"}, overrides=["direct=false"]),
+                load_serve_config(models={"a": "/m", "b": "/n"})):
+        assert build_app(cfg)._bound_deployment.func_or_class is Gateway.func_or_class

@@ -149,6 +149,31 @@ def test_bench_serve_quick_reports_ratio_overhead_and_agreement(server, model_di
     assert report["outputs_agree"] is True
 
 
+def test_gateway_layout_answers_as_the_direct_one(server, model_dir):
+    """`server` serves its one model directly (the replica is the ingress); the layout used for
+    several models (Gateway -> ModelServer, direct=false) must give the same greedy answers."""
+    import httpx
+    from ray import serve
+
+    from serve.app import build_app
+    from serve.config import load_serve_config
+
+    cfg = load_serve_config(models={"base": model_dir},
+                            overrides=["direct=false", "replicas.num_cpus=1"])
+    serve.run(build_app(cfg), name="gateway", route_prefix="/gw")
+    try:
+        for seed in (0, 1):
+            body = {"model": "base", "messages": _messages(_image(seed)[0]), "max_tokens": 8,
+                    "temperature": 0.0}
+            direct, gateway = (httpx.post(f"{server}{prefix}/v1/chat/completions", json=body,
+                                          timeout=120) for prefix in ("", "/gw"))
+            assert direct.status_code == gateway.status_code == 200, gateway.text
+            assert (gateway.json()["choices"][0]["message"]["content"]
+                    == direct.json()["choices"][0]["message"]["content"])
+    finally:
+        serve.delete("gateway")
+
+
 @pytest.mark.vllm
 @pytest.mark.slow
 def test_vllm_backend_through_the_same_route(server, model_dir):
