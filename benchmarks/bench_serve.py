@@ -131,7 +131,8 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _start_serve(model_dir: str, model: str, backend: str, batch: int, threads: int) -> str:
+def _start_serve(model_dir: str, model: str, backend: str, batch: int, threads: int,
+                 direct: bool = True) -> str:
     import ray
     from ray import serve
 
@@ -151,7 +152,7 @@ def _start_serve(model_dir: str, model: str, backend: str, batch: int, threads: 
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     cfg = load_serve_config(models={model: model_dir}, backend=backend, port=port, overrides=[
         f"replicas.max_batch_size={batch}", f"replicas.max_ongoing_requests={max(32, batch)}",
-        f"replicas.num_cpus={threads}"])
+        f"replicas.num_cpus={threads}", f"direct={str(direct).lower()}"])
     serve.run(build_app(cfg), name=APP_NAME, route_prefix="/")
     return f"http://127.0.0.1:{port}"
 
@@ -168,7 +169,7 @@ def _ratio(http: dict, inproc: dict) -> float:
 
 def run_bench(model_dir: str, *, backend: str = "hf", batch: int = 8, requests: int = 64,
               max_tokens: int = 16, threads: int = 1, url: str = "", model: str = MODEL,
-              clients: int = 0) -> dict:
+              clients: int = 0, direct: bool = True) -> dict:
     """Both modes once on the same model, served as `model` (at `url` if given, else started
     here); `clients` concurrent HTTP clients (default `batch`)."""
     import torch
@@ -181,7 +182,7 @@ def run_bench(model_dir: str, *, backend: str = "hf", batch: int = 8, requests: 
         torch.set_num_threads(previous)
     started = not url
     if started:
-        url = _start_serve(model_dir, model, backend, batch, threads)
+        url = _start_serve(model_dir, model, backend, batch, threads, direct)
     try:
         http = bench_http(url, model, batch, requests, max_tokens, clients=clients)
     finally:
@@ -189,6 +190,7 @@ def run_bench(model_dir: str, *, backend: str = "hf", batch: int = 8, requests: 
             _stop_serve()
     return {
         "model_dir": model_dir, "backend": backend, "max_tokens": max_tokens, "threads": threads,
+        "layout": "direct" if direct else "gateway",
         "results": [inproc, http],
         "outputs_agree": inproc["texts"] == http["texts"],
         "http_overhead_p50_ms": round(http["p50_ms"] - inproc["p50_ms"], 1),
@@ -208,7 +210,8 @@ def _median_row(rows: list[dict]) -> dict:
 
 def run_quick(model_dir: str, *, backend: str = "hf", batch: int = 8, requests: int = 64,
               requests_batch1: int = 16, max_tokens: int = 16, threads: int = 1,
-              repeats: int = 3, url: str = "", model: str = MODEL, clients: int = 0) -> dict:
+              repeats: int = 3, url: str = "", model: str = MODEL, clients: int = 0,
+              direct: bool = True) -> dict:
     """`repeats` interleaved rounds of (in-process, http) at `batch` and at batch 1; one Serve
     app for all rounds. Ratios and overheads are taken between the medians. At `batch`, HTTP has
     `clients` concurrent clients (default `batch`); at batch 1, one."""
@@ -218,7 +221,7 @@ def run_quick(model_dir: str, *, backend: str = "hf", batch: int = 8, requests: 
     local = InProcess(model_dir, backend, threads)
     started = not url
     if started:
-        url = _start_serve(model_dir, model, backend, batch, threads)
+        url = _start_serve(model_dir, model, backend, batch, threads, direct)
     sizes = [(batch, requests)] + ([(1, requests_batch1)] if batch != 1 else [])
     raw: dict[tuple[str, int], list[dict]] = {}
     try:
@@ -241,6 +244,7 @@ def run_quick(model_dir: str, *, backend: str = "hf", batch: int = 8, requests: 
     return {
         "quick": True, "model_dir": model_dir, "backend": backend, "max_tokens": max_tokens,
         "threads": threads, "repeats": repeats, "clients": clients or batch,
+        "layout": "direct" if direct else "gateway",
         "results": [med[(m, b)] for b, _ in sizes for m in ("in-process", "http")],
         "raw": {f"{m}@{b}": [{k: r[k] for k in ("requests_per_s", "p50_ms", "p99_ms")}
                              for r in rows] for (m, b), rows in raw.items()},
@@ -292,6 +296,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="concurrent HTTP clients at --batch (default --batch). Each client waits "
                    "for its answer, so with exactly --batch of them the model idles for every "
                    "round trip; 2x --batch keeps a full batch queued, as under real load")
+    p.add_argument("--gateway", action="store_true",
+                   help="serve through the gateway deployment (direct=false, the layout of "
+                        "several models) instead of the model replica as its own ingress")
     p.add_argument("--out", default="", help="JSON file to write")
     args = p.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -305,7 +312,7 @@ def main(argv: list[str] | None = None) -> int:
                                        corpus(WorldConfig(), n=300, seed=0)))
     common = dict(backend=args.backend, batch=args.batch, requests=args.requests,
                   max_tokens=args.max_tokens, threads=args.threads, url=args.url,
-                  model=args.model, clients=args.clients)
+                  model=args.model, clients=args.clients, direct=not args.gateway)
     model_dir = str(Path(model_dir).resolve())
     if args.quick:
         report = run_quick(model_dir, repeats=args.repeats,
