@@ -292,15 +292,14 @@ def train_loop_per_worker(config: dict) -> None:
 
     shard = ray.train.get_dataset_shard("train")  # (1) this worker's stream of rows
     collate = spec.collate(processor, cfg)
-    if cfg.train.prefetch_collate:
-        collate = NumpyCollate(collate)
 
     def epochs(epoch: int):
         shuffle = {"local_shuffle_buffer_size": 8 * cfg.train.micro_batch_size,
                    "local_shuffle_seed": cfg.run.seed * 1000 + epoch} if cfg.train.shuffle else {}
         if cfg.train.prefetch_collate:  # collated in Ray Data's iterator thread
             return shard.iter_torch_batches(batch_size=cfg.train.micro_batch_size,
-                                            collate_fn=collate, drop_last=True, **shuffle)
+                                            collate_fn=NumpyCollate(collate), drop_last=True,
+                                            **shuffle)
         # Collated here, on the training thread: the same batches (Ray Data's thread still
         # fetches, shuffles and formats them), without two threads contending for the GIL.
         return map(collate, shard.iter_batches(batch_size=cfg.train.micro_batch_size,
