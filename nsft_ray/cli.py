@@ -133,7 +133,8 @@ def cmd_eval(args: argparse.Namespace) -> dict:
     if bench:  # loaded once, for the benchmarks and (engine=local) ShapesWorld too
         from nsft_ray.eval.runner import hf_answer_fns
 
-        generate_fn, score_fn = hf_answer_fns(args.model, cfg.eval.max_new_tokens)
+        generate_fn, score_fn = hf_answer_fns(args.model, cfg.eval.max_new_tokens,
+                                              cfg.eval.cache_image_features)
     result: dict = {}
     if args.data:
         local = {"generate_fn": generate_fn, "score_fn": score_fn} if generate_fn else {}

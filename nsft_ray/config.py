@@ -321,6 +321,9 @@ class EvalConfig:
     image_swap: bool = True
     max_new_tokens: int = 64
     batch_size: int = 32
+    # backend=hf: each image's vision features computed once and reused by its other probes
+    # (the same answers and scores: tests/test_eval.py)
+    cache_image_features: bool = True
     # local: HF generate in this process; ray: a Ray Data batch-inference pass (ray_glue/eval.py)
     engine: Literal["local", "ray"] = "local"
     backend: Literal["hf", "vllm"] = "hf"  # engine=ray: HF generate (CPU) or vllm.LLM (GPU)

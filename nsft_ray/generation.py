@@ -271,8 +271,11 @@ def hf_generation_config(s: Sampling, eos_ids: list[int], pad_id: int) -> Genera
 class HFGenerator:
     """transformers `generate` on a loaded model and its processor (or tokenizer)."""
 
-    def __init__(self, model: PreTrainedModel, processor: Any) -> None:
+    def __init__(self, model: PreTrainedModel, processor: Any, features: Any = None) -> None:
         self.model, self.processor = model, processor
+        # An image_features.ImageFeatureCache: each image's features computed once across calls
+        # and handed to generate as `mm_encoder_outputs`.
+        self.features = features
         self.tokenizer = tokenizer_of(processor)
         self.eos_ids = eos_token_ids(self.tokenizer, model.generation_config)
         self.pad_id = pad_token_id(self.tokenizer)
@@ -290,9 +293,12 @@ class HFGenerator:
         if s.seed is not None:
             torch.manual_seed(s.seed)
         enc = to_model_inputs(inputs, self.model)
+        prompt_length = enc["input_ids"].shape[1]
+        if self.features is not None:
+            enc = self.features.attach(self.model, enc)
         with torch.no_grad():
             out = self.model.generate(**enc, generation_config=config)  # (B * k, P + T_new)
-        return [cut_after_eos(r, self.eos_ids) for r in out[:, enc["input_ids"].shape[1]:].tolist()]
+        return [cut_after_eos(r, self.eos_ids) for r in out[:, prompt_length:].tolist()]
 
     def complete(self, chats: Sequence[Chat], images: Sequence[Sequence[Image.Image]] | None,
                  s: Sampling) -> list[list[Completion]]:
@@ -324,8 +330,10 @@ def generate(
     top_p: float = 1.0,
     num_return_sequences: int = 1,
     seed: int | None = None,
+    features: Any = None,
 ) -> list[list[str]]:
-    """Answer each (image, prompt) as one user turn: `num_return_sequences` answers per prompt.
+    """Answer each (image, prompt) as one user turn: `num_return_sequences` answers per prompt
+    (`features`: an image_features.ImageFeatureCache, as in HFGenerator).
 
     Prompts are left-padded into one batch; answers are decoded without special tokens, stripped.
     """
@@ -337,7 +345,7 @@ def generate(
         raise ValueError(f"temperature={temperature}: expected > 0 when sampling")
     s = Sampling(max_new_tokens=max_new_tokens, temperature=temperature if do_sample else 0.0,
                  top_p=top_p, n=num_return_sequences, seed=seed)
-    out = HFGenerator(model, processor).complete(
+    out = HFGenerator(model, processor, features).complete(
         [user_turn(i, p) for i, p in zip(images, prompts, strict=True)], [[i] for i in images], s)
     return [[c.text.strip() for c in row] for row in out]
 

@@ -16,6 +16,7 @@ Memory: one (image tokens, hidden) tensor per distinct image, on the model's dev
 from __future__ import annotations
 
 import hashlib
+from collections import OrderedDict
 from dataclasses import replace
 
 import torch
@@ -28,6 +29,7 @@ __all__ = ["ImageFeatureCache", "with_cached_image_features", "features_are_froz
 
 # Batch keys holding an Idefics3 / LLaVA image; replaced by `mm_encoder_outputs` when cached.
 PIXEL_KEYS = ("pixel_values", "pixel_attention_mask")
+SUPPORTED = ("idefics3", "llava")  # model types whose forward takes `mm_encoder_outputs`
 
 
 def features_are_frozen(model: nn.Module) -> bool:
@@ -43,14 +45,29 @@ def _unwrap(model: nn.Module) -> nn.Module:
 
 
 class ImageFeatureCache:
-    """Per-image features of a frozen vision tower + connector, computed on first sight."""
+    """Per-image features of a frozen vision tower + connector, computed on first sight.
 
-    def __init__(self, model: nn.Module):
+    inference=True is for a model that only answers (evaluation, scoring): under no_grad in
+    eval mode an image's features never change, so neither the freeze nor the dropout check
+    applies. max_bytes bounds the cache (least recently used images go first); None: no bound.
+    """
+
+    def __init__(self, model: nn.Module, *, inference: bool = False,
+                 max_bytes: int | None = None):
         model = _unwrap(model)
         self.model_type = model.config.model_type
-        if self.model_type not in ("idefics3", "llava"):
+        self._features: OrderedDict[bytes, Tensor] = OrderedDict()
+        self._bytes, self.max_bytes = 0, max_bytes
+        self.hits = 0
+        self.misses = 0
+        if self.model_type not in SUPPORTED:
             raise ValueError(f"train.cache_image_features: {self.model_type!r} models are not "
                              "supported (expected idefics3 or llava)")
+        if not inference:
+            self._check_deterministic(model)
+
+    @staticmethod
+    def _check_deterministic(model: nn.Module) -> None:
         if not features_are_frozen(model):
             raise ValueError("train.cache_image_features needs model.freeze: [vision, connector] "
                              "(trained image features change every step)")
@@ -67,9 +84,6 @@ class ImageFeatureCache:
         if getattr(vision_cfg, "attention_dropout", 0.0):
             raise ValueError("train.cache_image_features: vision_config.attention_dropout="
                              f"{vision_cfg.attention_dropout}; its features are not deterministic")
-        self._features: dict[bytes, Tensor] = {}
-        self.hits = 0
-        self.misses = 0
 
     def __len__(self) -> int:
         return len(self._features)
@@ -84,17 +98,31 @@ class ImageFeatureCache:
         missing = [i for k, i in first.items() if k not in self._features]
         self.hits += len(keys) - len(missing)
         self.misses += len(missing)
+        computed: dict[bytes, Tensor] = {}
         if missing:
             with torch.no_grad():  # frozen: no gradient would reach these parameters anyway
-                computed = self._compute(_unwrap(model), [images[i] for i in missing])
-            for i, features in zip(missing, computed, strict=True):
-                self._features[keys[i]] = features
-        features = [self._features[k] for k in keys]
+                new = self._compute(_unwrap(model), [images[i] for i in missing])
+            computed = {keys[i]: f for i, f in zip(missing, new, strict=True)}
+        features = [computed[k] if k in computed else self._features[k] for k in keys]
+        for k in first:
+            self._keep(k, computed[k] if k in computed else self._features[k])
         # Idefics3 scatters one (n_images, tokens, hidden) tensor; LLaVA concatenates a list.
         pooled = torch.stack(features) if self.model_type == "idefics3" else features
         out = {k: v for k, v in batch.items() if k not in PIXEL_KEYS}
         out["mm_encoder_outputs"] = {"image": BaseModelOutputWithPooling(pooler_output=pooled)}
         return out
+
+    def _keep(self, key: bytes, features: Tensor) -> None:
+        """Store (or refresh) one image's features; evict the least recently used past
+        max_bytes."""
+        if key in self._features:
+            self._features.move_to_end(key)
+            return
+        self._features[key] = features
+        self._bytes += features.numel() * features.element_size()
+        while self.max_bytes is not None and self._bytes > self.max_bytes and self._features:
+            _, old = self._features.popitem(last=False)
+            self._bytes -= old.numel() * old.element_size()
 
     def _images(self, batch: Batch) -> list[dict[str, Tensor]]:
         """One dict of pixel tensors per real image, row-major (the image-token order)."""

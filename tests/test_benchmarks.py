@@ -120,7 +120,7 @@ def test_amber_discriminative_and_official_responses(tmp_path):
 def test_eval_command_runs_the_benchmarks_without_shapesworld(tmp_path, monkeypatch, capsys):
     import nsft_ray.eval.runner as runner
 
-    monkeypatch.setattr(runner, "hf_answer_fns", lambda model, n: (generate_fn, score_fn))
+    monkeypatch.setattr(runner, "hf_answer_fns", lambda model, n, *cache: (generate_fn, score_fn))
     pope, images = write_pope(tmp_path)
     out = tmp_path / "out"
     assert main(["eval", "--model", "unused", "--out", str(out), f"eval.pope={pope}",
@@ -173,7 +173,7 @@ def test_eval_command_runs_mmhal_judged_and_writes_the_official_response_file(
     the response file or a template field is lost, or if unjudged or imageless rows count."""
     import nsft_ray.eval.runner as runner
 
-    monkeypatch.setattr(runner, "hf_answer_fns", lambda model, n: (mmhal_generate_fn, None))
+    monkeypatch.setattr(runner, "hf_answer_fns", lambda model, n, *cache: (mmhal_generate_fn, None))
     template, images = write_mmhal(tmp_path)
     out = tmp_path / "out"
     _FakeJudge.seen = []
@@ -213,7 +213,7 @@ def test_mmhal_without_a_judge_is_a_config_error_before_any_model_loads(
     and then fail), or if the error does not name the missing key."""
     import nsft_ray.eval.runner as runner
 
-    def no_model(model, n):
+    def no_model(model, n, *cache):
         raise AssertionError("a model was loaded before the judge's config was checked")
 
     monkeypatch.setattr(runner, "hf_answer_fns", no_model)

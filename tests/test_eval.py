@@ -13,6 +13,7 @@ from nsft_ray.config import EvalConfig, WorldConfig
 from nsft_ray.eval import evaluate, parse_yes_no, plan_eval, score_caption, yes_no_metrics
 from nsft_ray.eval.chair import Mention, chair_metrics, object_mentions
 from nsft_ray.eval.pope import SETTINGS, object_stats, pope_items, pope_metrics
+from nsft_ray.eval.runner import build_requests
 from nsft_ray.eval.shapes import judge
 from nsft_ray.negatives.claims import Vocabulary
 from nsft_ray.schema import preference_table
@@ -440,6 +441,37 @@ def test_logit_gap_matches_a_naive_per_probe_forward(world_dir, tiny_model, shor
         yes, no = tok.convert_tokens_to_ids(["Yes", "No"])
         assert got_score == pytest.approx((logits[0, -1, yes] - logits[0, -1, no]).item(),
                                           rel=1e-4, abs=1e-4), p
+
+
+def test_cached_image_features_answer_as_the_vision_tower_does(world_dir, tiny_model,
+                                                               monkeypatch):
+    """Fails if the evaluation's feature cache hands a probe another image's features (the
+    swap control feeds every image under another probe's prompt, so a key mix-up changes
+    scores), if generate ignores the cached features, or if the cache recomputes an image:
+    with it the vision tower sees each distinct image once, without it once per request."""
+    from transformers.models.idefics3 import modeling_idefics3
+
+    images_seen = []
+    tower = modeling_idefics3.Idefics3Model.get_image_features
+
+    def counting(self, pixel_values, *args, **kwargs):
+        images_seen.append(pixel_values.shape[0] * pixel_values.shape[1])  # (B, N, 3, H, W)
+        return tower(self, pixel_values, *args, **kwargs)
+
+    monkeypatch.setattr(modeling_idefics3.Idefics3Model, "get_image_features", counting)
+    cfg = EvalConfig(max_images=3, max_new_tokens=8, batch_size=8, examples=1000)
+    cached = evaluate(str(tiny_model), str(world_dir), cfg)
+    with_cache = sum(images_seen)
+    images_seen.clear()
+    plain = evaluate(str(tiny_model), str(world_dir), replace(cfg, cache_image_features=False))
+    requests = len(build_requests(plan_eval(world_dir, cfg, 0), cfg))
+    assert (with_cache, sum(images_seen)) == (3, requests)
+    assert [e["answer"] for e in cached["examples"]] == [e["answer"] for e in plain["examples"]]
+    for col in ("score", "swap_score"):
+        got, want = cached["items"][col], plain["items"][col]
+        assert [g is None for g in got] == [w is None for w in want], col
+        assert [g for g in got if g is not None] == pytest.approx(
+            [w for w in want if w is not None], rel=1e-5, abs=1e-5), col
 
 
 @pytest.mark.ray

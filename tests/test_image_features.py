@@ -104,6 +104,29 @@ def test_cache_never_returns_another_images_features(tiny):
     assert_same(loss_and_grads(model, cached, blue), loss_blue)
 
 
+def test_a_bounded_cache_evicts_the_least_recently_used_image(tiny):
+    """Fails if max_bytes is ignored (the evaluation's cache would grow with every image), if
+    eviction drops the image just used rather than the oldest, or if an evicted image comes back
+    with another image's features."""
+    model, processor, cfg = tiny
+    collate = conversation_collate(processor, cfg)
+    objective = nsft_objective(NSFTConfig())
+    red, blue, green = (collate(rows([c, c])) for c in ("red", "blue", "green"))
+    one = ImageFeatureCache(model)
+    loss_and_grads(model, with_cached_image_features(objective, one), red)
+    size = next(iter(one._features.values()))
+    cache = ImageFeatureCache(model, inference=True,
+                              max_bytes=2 * size.numel() * size.element_size())
+    cached = with_cached_image_features(objective, cache)
+    for batch in (red, blue, red, green):  # red is used again, so blue is the oldest
+        loss_and_grads(model, cached, batch)
+    assert (len(cache), cache.misses, cache.hits) == (2, 3, 5)
+    assert_same(loss_and_grads(model, cached, red), loss_and_grads(model, objective, red))
+    assert (cache.misses, cache.hits) == (3, 7)  # red was kept
+    assert_same(loss_and_grads(model, cached, blue), loss_and_grads(model, objective, blue))
+    assert cache.misses == 4  # blue was evicted, and recomputed as blue
+
+
 def test_config_turns_the_cache_on_only_when_both_parts_are_frozen(tiny):
     """Fails if a trained tower gets cached (stale) features, or if the frozen config forgets it."""
     model, processor, cfg = tiny

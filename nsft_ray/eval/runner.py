@@ -383,20 +383,36 @@ def score(plan: Plan, answers: Answers, cfg: EvalConfig) -> dict[str, Any]:
     }
 
 
-def hf_answer_fns(model_dir: str | Path, max_new_tokens: int) -> tuple[GenerateFn, ScoreFn]:
-    """Load the model once: greedy `generation.generate` and the yes-minus-no logit gap."""
+# Bound on the evaluation's image-feature cache: a 7B LLaVA's image is 576 x 4096 bf16 values
+# (4.5 MiB), so about 100 images; requests come grouped by image, so recent ones are what recur.
+EVAL_FEATURE_CACHE_BYTES = 512 * 2**20
+
+
+def hf_answer_fns(model_dir: str | Path, max_new_tokens: int,
+                  cache_image_features: bool = False) -> tuple[GenerateFn, ScoreFn]:
+    """Load the model once: greedy `generation.generate` and the yes-minus-no logit gap.
+
+    cache_image_features (eval.cache_image_features): an image's features (vision tower and
+    connector) are computed once and reused by its other probes, as training does with a frozen
+    tower; models without that path (image_features.SUPPORTED) run the tower every call.
+    """
     # torch/transformers only when used
     from nsft_ray.eval.scoring import hf_score_fn
     from nsft_ray.generation import generate
+    from nsft_ray.image_features import SUPPORTED, ImageFeatureCache
     from nsft_ray.models import load_vlm
 
     model, processor = load_vlm(model_dir)
+    features = None
+    if cache_image_features and model.config.model_type in SUPPORTED:
+        features = ImageFeatureCache(model, inference=True, max_bytes=EVAL_FEATURE_CACHE_BYTES)
 
     def generate_fn(images: list[Image.Image], prompts: list[str]) -> list[str]:
-        out = generate(model, processor, images, prompts, max_new_tokens=max_new_tokens)
+        out = generate(model, processor, images, prompts, max_new_tokens=max_new_tokens,
+                       features=features)
         return [a[0] for a in out]
 
-    return generate_fn, hf_score_fn(model, processor)
+    return generate_fn, hf_score_fn(model, processor, features)
 
 
 def evaluate(
@@ -424,7 +440,8 @@ def evaluate(
     start = time.perf_counter()
     plan = plan_eval(data_dir, cfg, seed)
     if generate_fn is None:
-        generate_fn, score_fn = hf_answer_fns(model_dir, cfg.max_new_tokens)
+        generate_fn, score_fn = hf_answer_fns(model_dir, cfg.max_new_tokens,
+                                              cfg.cache_image_features)
     reqs = build_requests(plan, cfg)
     texts, scores = answer_requests(plan, reqs, generate_fn, score_fn, cfg.batch_size)
     result = score(plan, collect(plan, reqs, texts, scores), cfg)

@@ -24,6 +24,7 @@ from transformers import PreTrainedModel, ProcessorMixin
 
 from nsft_ray.eval.runner import ScoreFn
 from nsft_ray.generation import encode_prompt, render_chats
+from nsft_ray.image_features import ImageFeatureCache
 from nsft_ray.models import to_model_inputs
 
 __all__ = ["answer_first_token", "yes_no_scores", "hf_score_fn"]
@@ -48,8 +49,10 @@ def answer_first_token(processor: ProcessorMixin, text: str) -> int:
 def yes_no_scores(
     model: PreTrainedModel, processor: ProcessorMixin, images: Sequence[Image.Image],
     prompts: Sequence[str], yes_ids: Sequence[int], no_ids: Sequence[int],
+    features: ImageFeatureCache | None = None,
 ) -> list[float]:
-    """logit[yes_ids[i]] - logit[no_ids[i]] at the first answer position of prompt i."""
+    """logit[yes_ids[i]] - logit[no_ids[i]] at the first answer position of prompt i (with
+    `features`, each image's features computed once across calls)."""
     if not (len(images) == len(prompts) == len(yes_ids) == len(no_ids)):
         raise ValueError(f"got {len(images)} images, {len(prompts)} prompts, {len(yes_ids)} yes "
                          f"and {len(no_ids)} no ids; expected one each")
@@ -58,6 +61,8 @@ def yes_no_scores(
     # Right padding: each row's last real position is then found by its attention mask.
     inputs = to_model_inputs(encode_prompt(processor, images, prompts, padding_side="right"),
                              model)
+    if features is not None:
+        inputs = features.attach(model, inputs)
     # The backbone's hidden states, then the LM head on one position per row: a full (B, T, V)
     # logits tensor would be large for a real vocabulary and is never needed here.
     hidden = model.model(**inputs).last_hidden_state  # (B, T, H)
@@ -69,7 +74,8 @@ def yes_no_scores(
     return (logits[rows, yes] - logits[rows, no]).tolist()
 
 
-def hf_score_fn(model: PreTrainedModel, processor: ProcessorMixin) -> ScoreFn:
+def hf_score_fn(model: PreTrainedModel, processor: ProcessorMixin,
+                features: ImageFeatureCache | None = None) -> ScoreFn:
     """A ScoreFn over a loaded HF model; answer first tokens are looked up once per text."""
     first: dict[str, int] = {}
 
@@ -85,6 +91,6 @@ def hf_score_fn(model: PreTrainedModel, processor: ProcessorMixin) -> ScoreFn:
         if same:
             raise ValueError(f"answers {same[0]!r} and its negation start with the same token: "
                              "the yes-minus-no score would be 0")
-        return yes_no_scores(model, processor, images, prompts, yes, no)
+        return yes_no_scores(model, processor, images, prompts, yes, no, features)
 
     return score_fn

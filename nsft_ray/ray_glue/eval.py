@@ -74,8 +74,10 @@ def _reply(batch: dict[str, np.ndarray], texts: list[str | None],
 class HFAnswerer:
     """Greedy HF generate and the logit-gap forward; one model per actor."""
 
-    def __init__(self, model_dir: str, images: list[bytes], max_new_tokens: int) -> None:
-        self.generate_fn, self.score_fn = hf_answer_fns(model_dir, max_new_tokens)
+    def __init__(self, model_dir: str, images: list[bytes], max_new_tokens: int,
+                 cache_image_features: bool = True) -> None:
+        self.generate_fn, self.score_fn = hf_answer_fns(model_dir, max_new_tokens,
+                                                        cache_image_features)
         self.images = _Images(images)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -161,10 +163,17 @@ def answer_with_ray(
         yes, no = yes_no_texts(p.question) if r.score else ("", "")
         items.append({"idx": i, "image": r.image, "prompt": p.prompt, "generate": r.generate,
                       "yes": yes, "no": no})
-    ds = ray.data.from_items(items).map_batches(
+    # One block per batch: from_items' default (about 200 blocks) cut the requests into blocks
+    # of n/200, which map_batches split into a full batch and a remainder (a third of the calls
+    # held 9-10 requests, and a generation batch costs about as much at 10 as at 32).
+    blocks = math.ceil(len(items) / cfg.batch_size)
+    kwargs = {"model_dir": str(model_dir), "images": plan.images,
+              "max_new_tokens": cfg.max_new_tokens}
+    if cfg.backend == "hf":  # vLLM keeps its own multimodal cache
+        kwargs["cache_image_features"] = cfg.cache_image_features
+    ds = ray.data.from_items(items, override_num_blocks=blocks).map_batches(
         ANSWERERS[cfg.backend],
-        fn_constructor_kwargs={"model_dir": str(model_dir), "images": plan.images,
-                               "max_new_tokens": cfg.max_new_tokens},
+        fn_constructor_kwargs=kwargs,
         batch_size=cfg.batch_size,
         batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(size=cfg.concurrency),  # a fixed pool of model actors
