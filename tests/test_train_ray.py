@@ -173,6 +173,21 @@ def _check_memory_split(memory: dict, model_dir, frozen: tuple[str, ...]) -> Non
     assert reference["gradients"] == reference["optimizer"] == 0
 
 
+def test_startup_breakdown_by_hand():
+    """Fails if a stage is measured from the wrong mark, if a restarted worker's later start
+    replaces the first one, or if a run without a first-step time gets made-up figures."""
+    from nsft_ray.ray_glue.train import _startup
+
+    first = {"time": 118.5, "entered": 118.0, "model_loaded": 121.0, "engine_ready": 122.0}
+    restart = {"time": 140.5, "entered": 140.0, "model_loaded": 141.0, "engine_ready": 141.5}
+    metrics = [{"step": 1, "first_step_time": 125.0}, {"step": 2},
+               {"step": 3, "first_step_time": 150.0}]
+    assert _startup(100.0, 110.0, [restart, first], metrics) == {
+        "prepare": 10.0, "workers": 8.0, "model_load": 3.0, "engine_init": 1.0,
+        "first_step": 3.0, "total": 25.0}
+    assert _startup(100.0, 110.0, [first], [{"step": 1}]) is None
+
+
 def test_nsft_kl_with_a_frozen_tower_on_zero2(ray_local, assets):
     """nSFT with the KL term, vision tower and connector frozen (their features cached), ZeRO-2:
     two models resident, a KL that is 0 at the start and positive once the policy moved, and
@@ -185,6 +200,11 @@ def test_nsft_kl_with_a_frozen_tower_on_zero2(ray_local, assets):
     summary = train(cfg, "nsft")
     assert summary["models_resident"] == 2 and summary["deepspeed_stage"] == 2
     _check_memory_split(summary["memory"], assets / "base", frozen=("vision", "connector"))
+    startup = summary["startup_seconds"]  # every mark recorded, in order
+    assert list(startup) == ["prepare", "workers", "model_load", "engine_init", "first_step",
+                             "total"]
+    assert all(v >= 0 for v in startup.values()) and startup["workers"] > 0
+    assert sum(startup.values()) - startup["total"] == pytest.approx(startup["total"], abs=0.05)
     kl = [m["nsft/kl_loss"] for m in _metrics(assets / "nsft_kl")]
     assert kl[0] == pytest.approx(0.0, abs=1e-6) and kl[1] > 1e-6  # fails if KL is never computed
     model, _ = load_vlm(assets / "nsft_kl" / "model")

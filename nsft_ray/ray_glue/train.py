@@ -127,6 +127,7 @@ def train(cfg: Config, algo: str) -> dict:
     if not cfg.model.name_or_path:
         raise ValueError("model.name_or_path: the checkpoint folder to start from is required")
     run_dir = Path(cfg.run.dir).resolve()
+    started = time.time()
     save_config(cfg, run_dir)
     ensure_ray(cfg.resources.address)
     check_memory(algo, cfg)  # a run that cannot fit fails here, in seconds
@@ -160,9 +161,9 @@ def train(cfg: Config, algo: str) -> dict:
         datasets={"train": ds},
         dataset_config=DataConfig(execution_options=_ingest_options(cfg.train.preserve_order)),
     )
-    start = time.perf_counter()
+    fit_start = time.time()
     result = trainer.fit()
-    seconds = time.perf_counter() - start
+    seconds = time.time() - fit_start
     metrics = read_metrics(run_dir)
     train_metrics = [m for m in metrics if f"{algo}/samples_per_s" in m]
     workers = read_workers(run_dir)  # rank, node id, start step and runtime of every start
@@ -187,6 +188,7 @@ def train(cfg: Config, algo: str) -> dict:
             (w.get("runtime_bytes", 0) for w in workers), default=0)}),
         "deepspeed_stage": (cfg.deepspeed.zero_stage(cfg.resources.num_workers)
                             if cfg.deepspeed.enabled else None),
+        "startup_seconds": _startup(started, fit_start, workers, metrics),
     }
     if algo == "reward" and cfg.reward.eval_data and cfg.train.export:  # held-out accuracy
         from nsft_ray.algorithms.reward import evaluate_reward_model
@@ -198,6 +200,26 @@ def train(cfg: Config, algo: str) -> dict:
             batch_size=cfg.reward.eval_batch_size, device="cuda" if on_gpus(res) else "cpu"))
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
+
+
+def _startup(started: float, fit_start: float, workers: list[dict],
+             metrics: list[dict]) -> dict[str, float] | None:
+    """Where the time from `train()` to the first optimizer step went (first worker start):
+    prepare (config, memory check, validation, materialize), workers (Train controller, worker
+    processes and their imports), model load, engine init (DeepSpeed or torch), first step
+    (the data stream's start and the step itself)."""
+    first = next((m["first_step_time"] for m in metrics if "first_step_time" in m), None)
+    worker = min(workers, key=lambda w: w["time"], default=None)
+    if first is None or worker is None or "entered" not in worker:
+        return None
+    marks = {"prepare": fit_start, "workers": worker["entered"],
+             "model_load": worker["model_loaded"], "engine_init": worker["engine_ready"],
+             "first_step": first}
+    out, last = {}, started
+    for name, t in marks.items():
+        out[name], last = round(t - last, 2), t
+    out["total"] = round(first - started, 2)
+    return out
 
 
 def _peak(metrics: list[dict]) -> int:
@@ -267,6 +289,7 @@ class NumpyCollate(NumpyBatchCollateFn):
 
 def train_loop_per_worker(config: dict) -> None:
     """Runs on every Ray Train worker."""
+    entered = time.time()  # the start-up breakdown in summary.json starts here
     quiet_train_reports()
     cfg: Config = from_dict(Config, config["cfg"])
     algo, total_steps = config["algo"], config["total_steps"]
@@ -280,15 +303,18 @@ def train_loop_per_worker(config: dict) -> None:
     runtime = current_memory_bytes(device)  # torch, Ray and the data stack, before any model
     model, processor = spec.load(cfg)
     model.to(device)
+    loaded = time.time()
     objective = spec.objective(cfg, model, device)
     engine = _make_engine(model, cfg, total_steps, world_size, device)
+    startup = {"entered": round(entered, 3), "model_loaded": round(loaded, 3),
+               "engine_ready": round(time.time(), 3)}
 
     state = TrainState()
     checkpoint = ray.train.get_checkpoint()  # (3) resume: the latest reported checkpoint, if any
     if checkpoint:
         with checkpoint.as_directory() as d:
             state = TrainState(**engine.load(Path(d))["train_state"])
-    _record_worker(run_dir, rank, state.step, runtime)
+    _record_worker(run_dir, rank, state.step, runtime, startup)
 
     shard = ray.train.get_dataset_shard("train")  # (1) this worker's stream of rows
     collate = spec.collate(processor, cfg)
@@ -307,8 +333,29 @@ def train_loop_per_worker(config: dict) -> None:
 
     writer = MetricsWriter(run_dir) if rank == 0 else None
     bar = step_bar(algo, total_steps, state.step, show=rank == 0)
+    hooks = _worker_hooks(cfg, algo, engine, run_dir, rank, writer, bar)
+    fit(objective, engine, epochs, total_steps=total_steps, grad_accum=cfg.train.grad_accum,
+        hooks=hooks, state=state, device=device, prefix=algo)
+    bar.close()
+    if cfg.train.export:
+        export(spec, engine.module(), processor, run_dir / "model",
+               zero3=cfg.deepspeed.enabled and cfg.deepspeed.zero_stage(world_size) == 3,
+               rank=rank)
+    if writer:
+        writer.close()
+
+
+def _worker_hooks(cfg: Config, algo: str, engine, run_dir: Path, rank: int,
+                  writer: MetricsWriter | None, bar) -> Hooks:
+    """How a worker's loop reports: metrics to the run folder (rank 0) and to Ray Train, each
+    checkpoint through Ray Train, the step bar, and the test-only fault injection."""
+    # When this start's first step ended (wall clock), sent once with the next log: the end of
+    # summary.json's start-up breakdown.
+    first_step: dict = {"time": None, "sent": False}
 
     def log(metrics: dict) -> None:
+        if first_step["time"] is not None and not first_step["sent"]:
+            metrics["first_step_time"], first_step["sent"] = first_step["time"], True
         if writer:
             writer.write(metrics)
             bar.set_description(f"{algo} loss {metrics.get(f'{algo}/loss', float('nan')):.4f}")
@@ -330,27 +377,26 @@ def train_loop_per_worker(config: dict) -> None:
             time.sleep(5)
             os._exit(1)  # fault injection: the worker process dies like an OOM-killed one
 
-    hooks = Hooks(log=log, checkpoint=save, log_every=cfg.train.log_every,
-                  checkpoint_every=cfg.train.checkpoint_every, progress=bar.update,
-                  on_step=crash_once if cfg.train.crash_at_step else (lambda st: None))
-    fit(objective, engine, epochs, total_steps=total_steps, grad_accum=cfg.train.grad_accum,
-        hooks=hooks, state=state, device=device, prefix=algo)
-    bar.close()
-    if cfg.train.export:
-        export(spec, engine.module(), processor, run_dir / "model",
-               zero3=cfg.deepspeed.enabled and cfg.deepspeed.zero_stage(world_size) == 3,
-               rank=rank)
-    if writer:
-        writer.close()
+    def on_step(st: TrainState) -> None:
+        if first_step["time"] is None:
+            first_step["time"] = round(time.time(), 3)
+        if cfg.train.crash_at_step:
+            crash_once(st)
+
+    return Hooks(log=log, checkpoint=save, log_every=cfg.train.log_every,
+                 checkpoint_every=cfg.train.checkpoint_every, progress=bar.update,
+                 on_step=on_step)
 
 
-def _record_worker(run_dir: Path, rank: int, step: int, runtime_bytes: int) -> None:
-    """Where this worker runs, the step it starts from and its memory before the model loaded,
-    one line per worker start (restarts included): summary.json's `workers` and `memory`, and
-    what a multi-node run is checked by."""
+def _record_worker(run_dir: Path, rank: int, step: int, runtime_bytes: int,
+                   startup: dict[str, float]) -> None:
+    """Where this worker runs, the step it starts from, its memory before the model loaded and
+    when its start-up stages ended (wall clock), one line per worker start (restarts included):
+    summary.json's `workers`, `memory` and `startup_seconds`, and what a multi-node run is
+    checked by."""
     ctx = ray.get_runtime_context()
     line = {"rank": rank, "node_id": ctx.get_node_id(), "pid": os.getpid(), "start_step": step,
-            "time": round(time.time(), 3), "runtime_bytes": runtime_bytes}
+            "time": round(time.time(), 3), "runtime_bytes": runtime_bytes, **startup}
     with (run_dir / WORKERS_FILE).open("a") as f:  # short appends: whole lines on one machine
         f.write(json.dumps(line) + "\n")
 
