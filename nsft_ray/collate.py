@@ -59,10 +59,13 @@ def encode_conversation(
     # Templates with {% generation %} markers (ours) give the assistant mask directly; for other
     # templates (most hub checkpoints) it is computed by rendering prefixes of the conversation.
     has_markers = bool(_GENERATION_MARKER.search(processor.chat_template or ""))
+    # Python lists first, tensors after: with return_tensors="pt" transformers builds the
+    # assistant mask by iterating the offset-mapping tensor element by element, which made
+    # encoding 2.3x slower (3.2 against 1.4 ms a demo row; the same tensors either way).
     enc = processor.apply_chat_template(
-        chat, tokenize=True, return_dict=True, return_tensors="pt",
-        return_assistant_tokens_mask=has_markers,
+        chat, tokenize=True, return_dict=True, return_assistant_tokens_mask=has_markers,
     )
+    enc.convert_to_tensors(tensor_type="pt")
     input_ids = enc.pop("input_ids")[0]  # (T,)
     if has_markers:
         assistant = enc.pop("assistant_masks")[0].bool()
