@@ -98,14 +98,14 @@ class ImageFeatureCache:
         missing = [i for k, i in first.items() if k not in self._features]
         self.hits += len(keys) - len(missing)
         self.misses += len(missing)
-        computed: dict[bytes, Tensor] = {}
+        found: dict[bytes, Tensor] = {k: self._features[k] for k in first if k in self._features}
         if missing:
             with torch.no_grad():  # frozen: no gradient would reach these parameters anyway
                 new = self._compute(_unwrap(model), [images[i] for i in missing])
-            computed = {keys[i]: f for i, f in zip(missing, new, strict=True)}
-        features = [computed[k] if k in computed else self._features[k] for k in keys]
-        for k in first:
-            self._keep(k, computed[k] if k in computed else self._features[k])
+            found.update((keys[i], f) for i, f in zip(missing, new, strict=True))
+        for k in first:  # after the lookup, so an eviction cannot lose this batch's features
+            self._keep(k, found[k])
+        features = [found[k] for k in keys]
         # Idefics3 scatters one (n_images, tokens, hidden) tensor; LLaVA concatenates a list.
         pooled = torch.stack(features) if self.model_type == "idefics3" else features
         out = {k: v for k, v in batch.items() if k not in PIXEL_KEYS}

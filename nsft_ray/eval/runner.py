@@ -389,7 +389,7 @@ EVAL_FEATURE_CACHE_BYTES = 512 * 2**20
 
 
 def hf_answer_fns(model_dir: str | Path, max_new_tokens: int,
-                  cache_image_features: bool = False) -> tuple[GenerateFn, ScoreFn]:
+                  cache_image_features: bool) -> tuple[GenerateFn, ScoreFn]:
     """Load the model once: greedy `generation.generate` and the yes-minus-no logit gap.
 
     cache_image_features (eval.cache_image_features): an image's features (vision tower and

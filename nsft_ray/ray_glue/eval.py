@@ -75,7 +75,7 @@ class HFAnswerer:
     """Greedy HF generate and the logit-gap forward; one model per actor."""
 
     def __init__(self, model_dir: str, images: list[bytes], max_new_tokens: int,
-                 cache_image_features: bool = True) -> None:
+                 cache_image_features: bool) -> None:
         self.generate_fn, self.score_fn = hf_answer_fns(model_dir, max_new_tokens,
                                                         cache_image_features)
         self.images = _Images(images)
