@@ -12,6 +12,8 @@ http: `--batch` concurrent clients against a Serve app whose model deployment ba
 with as many torch threads). Batches fill from concurrent arrivals, so a server batch can be
 smaller than `--batch` when a client is between requests.
 Without --model-dir a tiny Idefics3 model is built into a temporary folder.
+http goes to the ingress replica's own port (Ray Serve's direct ingress, as `nsft-ray serve` prints
+it) unless --via-proxy sends it through Serve's proxy.
 --quick: Ray Serve started once; `--repeats` interleaved rounds of (in-process, http) at --batch
 and at batch 1; the JSON's `ratios.serve_http_vs_in_process` and `p50_overhead_ms_batch1` are
 taken between the medians. `outputs_agree`: both modes returned the same greedy texts.
@@ -106,22 +108,29 @@ def bench_http(url: str, model: str, batch: int, requests: int, max_tokens: int,
         for _ in range(warmup):
             warm.post(endpoint, content=good, headers=headers).raise_for_status()
 
-    def client(n: int) -> list[tuple[float, str]]:
+    def client(http: httpx.Client, n: int) -> list[tuple[float, str]]:
         out = []
-        with httpx.Client(timeout=120.0) as http:
-            for _ in range(n):
-                t = time.perf_counter()
-                r = http.post(endpoint, content=good, headers=headers)
-                r.raise_for_status()
-                out.append((time.perf_counter() - t, r.json()["choices"][0]["message"]["content"]))
+        for _ in range(n):
+            t = time.perf_counter()
+            r = http.post(endpoint, content=good, headers=headers)
+            r.raise_for_status()
+            out.append((time.perf_counter() - t, r.json()["choices"][0]["message"]["content"]))
         return out
 
     shares = [requests // clients + (i < requests % clients) for i in range(clients)]
-    t0 = time.perf_counter()
-    with ThreadPoolExecutor(max_workers=clients) as pool:
-        done = [item for part in pool.map(client, shares) for item in part]
-    summary = _summary("http (Ray Serve)", batch, [lat for lat, _ in done],
-                       time.perf_counter() - t0)
+    # Clients made before the clock starts: an httpx.Client builds an SSL context (the CA
+    # bundle) when it is made, 50-100 ms of CPU each, which py-spy showed taking 56% of the
+    # load generator's samples inside the timed window, on the cores the server needs.
+    sessions = [httpx.Client(timeout=120.0) for _ in range(clients)]
+    try:
+        t0 = time.perf_counter()
+        with ThreadPoolExecutor(max_workers=clients) as pool:
+            done = [item for part in pool.map(client, sessions, shares) for item in part]
+        elapsed = time.perf_counter() - t0
+    finally:
+        for http in sessions:
+            http.close()
+    summary = _summary("http (Ray Serve)", batch, [lat for lat, _ in done], elapsed)
     return {**summary, "clients": clients, "texts": sorted({text for _, text in done})}
 
 
@@ -132,11 +141,13 @@ def _free_port() -> int:
 
 
 def _start_serve(model_dir: str, model: str, backend: str, batch: int, threads: int,
-                 direct: bool = True) -> str:
+                 direct: bool = True, via_proxy: bool = False) -> tuple[str, str]:
+    """Serve the model; return the URL the clients call and which endpoint it is: the ingress
+    replica's own port (direct ingress, as `nsft-ray serve` prints it) or Serve's proxy."""
     import ray
     from ray import serve
 
-    from serve.app import APP_NAME, build_app, use_latency_settings
+    from serve.app import APP_NAME, build_app, direct_urls, use_latency_settings
     from serve.config import load_serve_config
 
     if not ray.is_initialized():
@@ -154,7 +165,10 @@ def _start_serve(model_dir: str, model: str, backend: str, batch: int, threads: 
         f"replicas.max_batch_size={batch}", f"replicas.max_ongoing_requests={max(32, batch)}",
         f"replicas.num_cpus={threads}", f"direct={str(direct).lower()}"])
     serve.run(build_app(cfg), name=APP_NAME, route_prefix="/")
-    return f"http://127.0.0.1:{port}"
+    replicas = [] if via_proxy else direct_urls("127.0.0.1")
+    if len(replicas) == 1:
+        return replicas[0], "replica (direct ingress)"
+    return f"http://127.0.0.1:{port}", "proxy"
 
 
 def _stop_serve() -> None:
@@ -169,7 +183,7 @@ def _ratio(http: dict, inproc: dict) -> float:
 
 def run_bench(model_dir: str, *, backend: str = "hf", batch: int = 8, requests: int = 64,
               max_tokens: int = 16, threads: int = 1, url: str = "", model: str = MODEL,
-              clients: int = 0, direct: bool = True) -> dict:
+              clients: int = 0, direct: bool = True, via_proxy: bool = False) -> dict:
     """Both modes once on the same model, served as `model` (at `url` if given, else started
     here); `clients` concurrent HTTP clients (default `batch`)."""
     import torch
@@ -180,9 +194,9 @@ def run_bench(model_dir: str, *, backend: str = "hf", batch: int = 8, requests: 
                                   max_tokens)
     finally:
         torch.set_num_threads(previous)
-    started = not url
+    started, endpoint = not url, "--url"
     if started:
-        url = _start_serve(model_dir, model, backend, batch, threads, direct)
+        url, endpoint = _start_serve(model_dir, model, backend, batch, threads, direct, via_proxy)
     try:
         http = bench_http(url, model, batch, requests, max_tokens, clients=clients)
     finally:
@@ -190,7 +204,7 @@ def run_bench(model_dir: str, *, backend: str = "hf", batch: int = 8, requests: 
             _stop_serve()
     return {
         "model_dir": model_dir, "backend": backend, "max_tokens": max_tokens, "threads": threads,
-        "layout": "direct" if direct else "gateway",
+        "layout": "direct" if direct else "gateway", "endpoint": endpoint,
         "results": [inproc, http],
         "outputs_agree": inproc["texts"] == http["texts"],
         "http_overhead_p50_ms": round(http["p50_ms"] - inproc["p50_ms"], 1),
@@ -211,7 +225,7 @@ def _median_row(rows: list[dict]) -> dict:
 def run_quick(model_dir: str, *, backend: str = "hf", batch: int = 8, requests: int = 64,
               requests_batch1: int = 16, max_tokens: int = 16, threads: int = 1,
               repeats: int = 3, url: str = "", model: str = MODEL, clients: int = 0,
-              direct: bool = True) -> dict:
+              direct: bool = True, via_proxy: bool = False) -> dict:
     """`repeats` interleaved rounds of (in-process, http) at `batch` and at batch 1; one Serve
     app for all rounds. Ratios and overheads are taken between the medians. At `batch`, HTTP has
     `clients` concurrent clients (default `batch`); at batch 1, one."""
@@ -219,9 +233,9 @@ def run_quick(model_dir: str, *, backend: str = "hf", batch: int = 8, requests: 
 
     previous = torch.get_num_threads()
     local = InProcess(model_dir, backend, threads)
-    started = not url
+    started, endpoint = not url, "--url"
     if started:
-        url = _start_serve(model_dir, model, backend, batch, threads, direct)
+        url, endpoint = _start_serve(model_dir, model, backend, batch, threads, direct, via_proxy)
     sizes = [(batch, requests)] + ([(1, requests_batch1)] if batch != 1 else [])
     raw: dict[tuple[str, int], list[dict]] = {}
     try:
@@ -244,7 +258,7 @@ def run_quick(model_dir: str, *, backend: str = "hf", batch: int = 8, requests: 
     return {
         "quick": True, "model_dir": model_dir, "backend": backend, "max_tokens": max_tokens,
         "threads": threads, "repeats": repeats, "clients": clients or batch,
-        "layout": "direct" if direct else "gateway",
+        "layout": "direct" if direct else "gateway", "endpoint": endpoint,
         "results": [med[(m, b)] for b, _ in sizes for m in ("in-process", "http")],
         "raw": {f"{m}@{b}": [{k: r[k] for k in ("requests_per_s", "p50_ms", "p99_ms")}
                              for r in rows] for (m, b), rows in raw.items()},
@@ -269,7 +283,8 @@ def print_table(report: dict) -> None:
     if report.get("quick"):
         print(f"medians of {report['repeats']} interleaved repeats; p50 overhead at batch 1: "
               f"{report['p50_overhead_ms_batch1']} ms")
-    print(f"http overhead at p50: {report['http_overhead_p50_ms']} ms; http / in-process "
+    print(f"http clients called the {report['endpoint']}; "
+          f"http overhead at p50: {report['http_overhead_p50_ms']} ms; http / in-process "
           f"throughput: {report['ratios']['serve_http_vs_in_process']}; "
           f"outputs agree: {report['outputs_agree']}")
 
@@ -299,6 +314,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--gateway", action="store_true",
                    help="serve through the gateway deployment (direct=false, the layout of "
                         "several models) instead of the model replica as its own ingress")
+    p.add_argument("--via-proxy", action="store_true",
+                   help="send the HTTP clients to Serve's proxy (the `port` address) instead of "
+                        "the ingress replica's own direct-ingress port")
     p.add_argument("--out", default="", help="JSON file to write")
     args = p.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -312,7 +330,8 @@ def main(argv: list[str] | None = None) -> int:
                                        corpus(WorldConfig(), n=300, seed=0)))
     common = dict(backend=args.backend, batch=args.batch, requests=args.requests,
                   max_tokens=args.max_tokens, threads=args.threads, url=args.url,
-                  model=args.model, clients=args.clients, direct=not args.gateway)
+                  model=args.model, clients=args.clients, direct=not args.gateway,
+                  via_proxy=args.via_proxy)
     model_dir = str(Path(model_dir).resolve())
     if args.quick:
         report = run_quick(model_dir, repeats=args.repeats,

@@ -1,4 +1,5 @@
 import os
+import sys
 
 # Nothing in the test suite may reach a model hub or phone home.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -55,6 +56,11 @@ def ray_session():
         p for p in (root, os.environ.get("PYTHONPATH", "")) if p)
     if ray.is_initialized():  # a test module that has its own reasons started one
         ray.shutdown()
+    if root not in sys.path:
+        sys.path.insert(0, root)
+    from serve.app import use_latency_settings
+
+    use_latency_settings()  # the processes run as `nsft-ray serve` runs them (direct ingress...)
     ensure_ray(num_cpus=8)
     yield ray
     ray.shutdown()

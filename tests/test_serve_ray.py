@@ -124,6 +124,23 @@ def test_load_test_tiny_has_no_5xx(server, tmp_path):
     assert out.is_file()
 
 
+def test_the_replica_answers_on_its_own_port_as_through_the_proxy(server):
+    """Direct ingress (serve.app.LATENCY_SETTINGS): `direct_urls` must name the one ingress
+    replica's own port, and a request there must get the proxy's answer. Fails if direct
+    ingress is off (no address), or the address is wrong (no connection)."""
+    import httpx
+
+    from serve.app import direct_urls
+
+    [direct] = direct_urls("127.0.0.1")
+    assert direct != server
+    uri, _ = _image(3)
+    body = {"model": "base", "messages": _messages(uri), "max_tokens": 8, "temperature": 0.0}
+    answers = [httpx.post(url + "/v1/chat/completions", json=body, timeout=60).json()
+               ["choices"][0]["message"]["content"] for url in (server, direct)]
+    assert answers[0] == answers[1]
+
+
 def test_bench_serve_reports_both_modes(server, model_dir, tmp_path):
     from benchmarks.bench_serve import run_bench
 
