@@ -188,6 +188,16 @@ def test_startup_breakdown_by_hand():
     assert _startup(100.0, 110.0, [first], [{"step": 1}]) is None
 
 
+def test_the_worker_hook_quiets_the_cleaners_logger_by_its_real_name():
+    """The setup hook names the placement-group cleaner's logger without importing its module;
+    fails if Ray renames or moves the module (the per-second warnings would be back)."""
+    from ray.train.v2._internal.execution.controller import placement_group_cleaner
+
+    from nsft_ray.ray_glue.runtime import PLACEMENT_GROUP_CLEANER
+
+    assert placement_group_cleaner.logger.name == PLACEMENT_GROUP_CLEANER
+
+
 def test_nsft_kl_with_a_frozen_tower_on_zero2(ray_local, assets):
     """nSFT with the KL term, vision tower and connector frozen (their features cached), ZeRO-2:
     two models resident, a KL that is 0 at the start and positive once the policy moved, and

@@ -32,6 +32,7 @@ REPORT_POLL_S = "0.2"
 TRAIN_LOGGING = ray.train.LoggingConfig(log_level="WARNING")
 # Ray Data's logger that says (once per process, as a warning) that the bars we turned off are off.
 RAY_DATA_PROGRESS = "ray.data._internal.progress"
+PLACEMENT_GROUP_CLEANER = "ray.train.v2._internal.execution.controller.placement_group_cleaner"
 
 
 def ensure_ray(address: str = "", num_cpus: int | None = None) -> None:
@@ -104,9 +105,9 @@ def quiet_embedded_worker() -> None:
     warning every second of every run (861 of the demo's 1,320 console lines). It only matters
     when a controller dies without cleaning up, and the embedded Ray ends with the process.
     """
-    from ray.train.v2._internal.execution.controller import placement_group_cleaner
-
-    logging.getLogger(placement_group_cleaner.__name__).setLevel(logging.ERROR)
+    # By the logger's name (the module's __name__): importing the module to ask would load
+    # ray.train (about 1.1 s on 2 cores) in every worker process, Ray Data's included.
+    logging.getLogger(PLACEMENT_GROUP_CLEANER).setLevel(logging.ERROR)
     # Ray Train's data split coordinator runs Ray Data in a worker, where it says again that the
     # progress bars we turned off are off.
     logging.getLogger(RAY_DATA_PROGRESS).setLevel(logging.ERROR)
