@@ -112,8 +112,8 @@ LATENCY_SETTINGS = {
     "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "0",
     # Ray Serve's direct ingress: each ingress replica also serves HTTP on a port of its own
     # (from 30000), so a client that calls it makes no proxy -> replica hop (`direct_urls`).
-    # The proxy on `port` still answers as before. At batch 8 on 2 cores: 0.86x the in-process
-    # throughput against 0.54x through the proxy (benchmarks/README.md).
+    # The proxy on `port` still answers as before. At batch 8 on 2 cores: 0.64-0.86x the
+    # in-process throughput against 0.54-0.60x through the proxy (benchmarks/README.md).
     "RAY_SERVE_ENABLE_DIRECT_INGRESS": "1",
     # A stopping direct-ingress replica stays open 30 s by default so that an external load
     # balancer can drop it; the embedded Ray has none, and Ctrl-C would wait for nothing.
@@ -132,7 +132,8 @@ def direct_urls(host: str, app_name: str = APP_NAME) -> list[str]:
     """The HTTP addresses at which `app_name`'s ingress replicas answer without the proxy
     (Ray Serve's direct ingress, LATENCY_SETTINGS); empty when it is off or no replica runs.
 
-    A replica binds to Serve's `host`; a wildcard host is reached at the replica's node address.
+    A replica binds to Serve's `host` on its own node: a wildcard host is reached at the
+    replica's node address, any other host only for the replicas on this node.
     """
     import ray
     from ray.serve._private.common import REPLICA_ID_FULL_ID_STR_PREFIX
@@ -141,15 +142,12 @@ def direct_urls(host: str, app_name: str = APP_NAME) -> list[str]:
     # The controller's list for external load balancers (Ray 2.60 has no public call for it):
     # it names the running ingress replicas and their ports, or the proxies when none runs.
     groups = ray.get(_get_global_client()._controller.get_target_groups.remote(app_name))
-    urls = []
-    for group in groups:
-        if group.app_name != app_name or group.protocol.value != "HTTP":
-            continue
-        for target in group.targets:
-            if target.name.startswith(REPLICA_ID_FULL_ID_STR_PREFIX):
-                where = target.ip if host in ("0.0.0.0", "::") else host
-                urls.append(f"http://{where}:{target.port}")
-    return urls
+    wildcard, here = host in ("0.0.0.0", "::"), ray.util.get_node_ip_address()
+    return [f"http://{target.ip if wildcard else host}:{target.port}"
+            for group in groups if group.app_name == app_name and group.protocol.value == "HTTP"
+            for target in group.targets
+            if target.name.startswith(REPLICA_ID_FULL_ID_STR_PREFIX)
+            and (wildcard or target.ip == here)]
 
 
 def _model_options(r: ReplicaConfig) -> dict:
