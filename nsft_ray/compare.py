@@ -175,7 +175,8 @@ def _shared_rows(cfg: Config, out: Path) -> dict[str, Any]:
     kept = set(keep)
     pq.write_table(prefs.filter(pc.is_in(prefs["id"], value_set=_strings(keep))),
                    data / "preferences.parquet")
-    mine = conversations.filter(pc.is_in(conversations["parent_id"], value_set=_strings(keep)))
+    mine = _in_pair_order(
+        conversations.filter(pc.is_in(conversations["parent_id"], value_set=_strings(keep))), keep)
     pq.write_table(mine, data / "conversations.parquet")
     origins = mine["origin"].to_pylist()
     counts = {"preference_rows": len(ids), "constructed": len(constructed & set(ids)),
@@ -186,6 +187,24 @@ def _shared_rows(cfg: Config, out: Path) -> dict[str, Any]:
         counts["refute_only"] = _refute_only(cfg, data)
     counts_path.write_text(json.dumps(counts, indent=2))
     return counts
+
+
+def _in_pair_order(table, pair_ids: list[str]):
+    """`table`'s conversations ordered by their pair's place in `pair_ids`, then origin (chosen
+    before negative), then id.
+
+    build-negatives writes its rows in the order Ray Data's tasks finish, which differs from run
+    to run; training shuffles with a seed, but a seeded shuffle of rows in another order is
+    another order. Two demos from identical inputs trained sft and nSFT on different orders
+    (the rows were the same) and ended with different figures.
+    """
+    import pyarrow as pa
+
+    place = {pair: i for i, pair in enumerate(pair_ids)}
+    rank = pa.array([place[p] for p in table["parent_id"].to_pylist()], type=pa.int64())
+    ordered = table.append_column("_pair", rank).sort_by(
+        [("_pair", "ascending"), ("origin", "ascending"), ("id", "ascending")])
+    return ordered.drop_columns(["_pair"])
 
 
 def _strings(values: list[str]):
@@ -204,7 +223,8 @@ def _refute_only(cfg: Config, data: Path) -> dict[str, int]:
     neg = dataclasses.replace(cfg.negatives, corrective="refute_only")
     summary = build_negatives(data / "preferences.parquet", data / "refute_only", cfg.data, neg)
     table = pads.dataset(data / "refute_only" / "conversations").to_table()
-    pq.write_table(table, data / "conversations_refute_only.parquet")
+    pairs = pq.read_table(data / "preferences.parquet", columns=["id"])["id"].to_pylist()
+    pq.write_table(_in_pair_order(table, pairs), data / "conversations_refute_only.parquet")
     return {"negative_conversations": summary["conversations"],
             "quarantined": summary.get("quarantined", 0)}
 

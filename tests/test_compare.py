@@ -210,6 +210,39 @@ def test_ablations_change_only_what_they_ablate(tmp_path):
     assert [s.train.max_steps for s in (nsft, no_chosen, kl, refute)] == [3, 2, 3, 3]
 
 
+def test_shared_rows_do_not_depend_on_the_order_build_negatives_wrote(tmp_path):
+    """build-negatives writes rows in the order Ray Data's tasks finish. Fails if compare's
+    shared conversations keep that order (a seeded shuffle of another order trains on another
+    order): the same rows written in two orders, across two files, must give one file."""
+    import random
+
+    import pyarrow as pa
+
+    wcfg = WorldConfig(n_train=8, n_val=2, n_eval=2, max_objects=2)
+    write_world(wcfg, tmp_path / "w", seed=0)
+    prefs = pq.read_table(tmp_path / "w" / "pref_train.parquet").to_pylist()
+    table = conversation_table(construct_rows(prefs, Config().negatives)[0])
+    written = []
+    for name, seed in (("a", 1), ("b", 2)):
+        order = list(range(table.num_rows))
+        random.Random(seed).shuffle(order)
+        (tmp_path / name).mkdir()
+        half = len(order) // 2
+        for part, rows in (("0", order[:half]), ("1", order[half:])):
+            pq.write_table(table.take(pa.array(rows)), tmp_path / name / f"part-{part}.parquet")
+        cfg = load_config(None, [f"compare.conversations={tmp_path / name}",
+                                 f"compare.preferences={tmp_path / 'w' / 'pref_train.parquet'}",
+                                 "compare.pairs=5", "compare.methods=[base,sft,nsft]"])
+        _shared_rows(cfg, tmp_path / f"out_{name}")
+        written.append(pq.read_table(tmp_path / f"out_{name}" / "data" / "conversations.parquet"))
+    assert written[0].equals(written[1])
+    rows = written[0].to_pylist()
+    # By the preference file's order (the first 5 constructed pairs), chosen before negatives.
+    pairs = list(dict.fromkeys(r["parent_id"] for r in rows))
+    assert pairs == [p["id"] for p in prefs if p["id"] in set(pairs)]
+    assert [r["origin"] for r in rows if r["parent_id"] == pairs[0]][0] == "chosen"
+
+
 def test_shared_rows_read_any_data_format_and_training_reads_ours(tmp_path):
     """Fails if compare cannot take a preference file in another layout (here JSON Lines with an
     image folder) or if the training stages would read compare's own Parquet with that layout's
