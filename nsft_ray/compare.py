@@ -184,7 +184,7 @@ def _shared_rows(cfg: Config, out: Path) -> dict[str, Any]:
               "shared_pairs": len(kept), "chosen_conversations": origins.count("chosen"),
               "negative_conversations": origins.count("negative")}
     if "nsft_refute_only" in c.methods:
-        counts["refute_only"] = _refute_only(cfg, data)
+        counts["refute_only"] = _refute_only(cfg, data, keep)
     counts_path.write_text(json.dumps(counts, indent=2))
     return counts
 
@@ -213,8 +213,9 @@ def _strings(values: list[str]):
     return pa.array(values, type=pa.string())
 
 
-def _refute_only(cfg: Config, data: Path) -> dict[str, int]:
-    """The shared rows' conversations built again with refuting turns only (the ablation)."""
+def _refute_only(cfg: Config, data: Path, pair_ids: list[str]) -> dict[str, int]:
+    """The shared rows' conversations built again with refuting turns only (the ablation), in
+    the order of `pair_ids` (the shared pairs, as data/preferences.parquet holds them)."""
     import pyarrow.dataset as pads
     import pyarrow.parquet as pq
 
@@ -223,8 +224,7 @@ def _refute_only(cfg: Config, data: Path) -> dict[str, int]:
     neg = dataclasses.replace(cfg.negatives, corrective="refute_only")
     summary = build_negatives(data / "preferences.parquet", data / "refute_only", cfg.data, neg)
     table = pads.dataset(data / "refute_only" / "conversations").to_table()
-    pairs = pq.read_table(data / "preferences.parquet", columns=["id"])["id"].to_pylist()
-    pq.write_table(_in_pair_order(table, pairs), data / "conversations_refute_only.parquet")
+    pq.write_table(_in_pair_order(table, pair_ids), data / "conversations_refute_only.parquet")
     return {"negative_conversations": summary["conversations"],
             "quarantined": summary.get("quarantined", 0)}
 
