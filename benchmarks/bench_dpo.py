@@ -9,7 +9,9 @@ rate (constant, AdamW, clipping at 1.0) and max_length. Each method runs in its 
 the peak RSS is that method's alone. Ours runs in-process with `loop.fit` + `TorchEngine` (no Ray,
 no DeepSpeed), collating images on the fly like TRL's collator, with dpo.shared_prefix (the
 default: image, prompt and the answers' common opening once per pair, continuations on its KV
-cache); `ours-live-stacked` is the same with shared_prefix off (one forward over 2B rows). The
+cache); `ours-live-stacked` is the same with shared_prefix off (one forward over 2B rows);
+`ours-live-packed` packs the 2B sequences into padding-free rows of up to `--max-length` tokens
+(`train.pack_tokens`; one forward, attention kept within each sequence). The
 precomputed path runs the reference pass in a separate process first (as the Ray Data actor does)
 and trains with one model. TRL runs as ENVIRONMENT.md says is fair on CPU: bf16/fp16 off, gradient
 checkpointing off, an explicit ref_model; TRL 1.16 has no shared-prefix option, disables
@@ -48,7 +50,8 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-METHODS = ("ours-live", "ours-live-stacked", "ours-precomputed", "trl-live", "trl-precomputed")
+METHODS = ("ours-live", "ours-live-stacked", "ours-live-packed", "ours-precomputed", "trl-live",
+           "trl-precomputed")
 QUICK = {"steps": 8, "warmup": 2, "batch": 8, "repeats": 3, "methods": ["ours-live", "trl-live"],
          "fast_options": True}
 # --fast-options: the demo's frozen tower, and the cached image features it allows (ours only).
@@ -60,6 +63,8 @@ NOTES = {
     "ours-live": "loop.fit + TorchEngine in-process (no Ray); policy + frozen reference; "
                  "shared prefix",
     "ours-live-stacked": "as ours-live with dpo.shared_prefix=false (2B full rows per forward)",
+    "ours-live-packed": "as ours-live with train.pack_tokens=--max-length (2B sequences packed "
+                        "into padding-free rows, one forward)",
     "ours-precomputed": "reference pass in its own process, then loop.fit with the policy only",
     "trl-live": "TRL 1.16 DPOTrainer, explicit ref_model, fp32, no grad checkpointing",
     "trl-precomputed": "TRL 1.16 DPOTrainer with precompute_ref_log_probs=True",
@@ -110,13 +115,13 @@ def precompute(args: argparse.Namespace) -> dict:
     return {"seconds": time.perf_counter() - start, "peak_rss_bytes": peak_rss()}
 
 
-def ours(args: argparse.Namespace, precomputed: bool, shared_prefix: bool = True) -> dict:
+def ours(args: argparse.Namespace, precomputed: bool, shared_prefix: bool = True,
+         packed: bool = False) -> dict:
     import torch
 
     from nsft_ray.algorithms import ALGORITHMS
     from nsft_ray.config import OptimConfig, load_config
     from nsft_ray.loop import Hooks, TorchEngine, fit, make_optimizer, make_scheduler
-    from nsft_ray.preference_collate import PreferenceCollator
 
     torch.manual_seed(0)
     data = args.work / "ref_logps.parquet" if precomputed else args.data
@@ -126,13 +131,15 @@ def ours(args: argparse.Namespace, precomputed: bool, shared_prefix: bool = True
     cfg = load_config(None, [f"model.name_or_path={args.model}", f"dpo.beta={args.beta}",
                              f"dpo.precompute_ref={str(precomputed).lower()}",
                              f"dpo.shared_prefix={str(shared_prefix).lower()}",
+                             f"train.max_length={args.max_length}",
+                             f"train.pack_tokens={args.max_length if packed else 0}",
                              *(FAST_OPTIONS if args.fast_options else ())])
     model, processor = ALGORITHMS["dpo"].load(cfg)
     objective = ALGORITHMS["dpo"].objective(cfg, model, torch.device("cpu"))
     optim = OptimConfig(lr=args.lr, schedule="constant", warmup_ratio=0.0, max_grad_norm=1.0)
     optimizer = make_optimizer(model, optim)
     engine = TorchEngine(model, optimizer, make_scheduler(optimizer, optim, args.steps), 1.0)
-    collate = PreferenceCollator(processor, args.max_length)
+    collate = ALGORITHMS["dpo"].collate(processor, cfg)  # PreferenceCollator, packed or not
     times: list[float] = []
     losses: list[float] = []
 
@@ -205,7 +212,8 @@ def run_one(args: argparse.Namespace) -> dict:
         return precompute(args)
     if args.method.startswith("ours"):
         return ours(args, precomputed=args.method == "ours-precomputed",
-                    shared_prefix=args.method != "ours-live-stacked")
+                    shared_prefix=args.method != "ours-live-stacked",
+                    packed=args.method == "ours-live-packed")
     return trl(args, precomputed=args.method == "trl-precomputed")
 
 
@@ -248,7 +256,8 @@ def ratios(results: dict[str, dict]) -> dict[str, float]:
     out = {}
     trl_rate = results.get("trl-live", {}).get("samples_per_s")
     for name, key in (("ours-live", "dpo_vs_trl_dpo"),
-                      ("ours-live-stacked", "dpo_stacked_vs_trl_dpo")):
+                      ("ours-live-stacked", "dpo_stacked_vs_trl_dpo"),
+                      ("ours-live-packed", "dpo_packed_vs_trl_dpo")):
         if trl_rate and "samples_per_s" in results.get(name, {}):
             out[key] = results[name]["samples_per_s"] / trl_rate
     return out
@@ -258,7 +267,7 @@ def loss_check(runs: dict[str, list[dict]]) -> dict:
     """Step losses of each of our live methods against TRL's, repeat by repeat (same batches)."""
     out = {}
     trl_runs = [r for r in runs.get("trl-live", []) if "losses" in r]
-    for name in ("ours-live", "ours-live-stacked"):
+    for name in ("ours-live", "ours-live-stacked", "ours-live-packed"):
         pairs = list(zip(runs.get(name, []), trl_runs, strict=False))
         if not pairs:
             continue

@@ -24,6 +24,7 @@ __all__ = [
     "entropy_from_logits",
     "num_target_tokens",
     "sequence_logprobs",
+    "sums_by_sequence",
     "target_mask",
     "token_logprobs",
 ]
@@ -90,6 +91,22 @@ def sequence_logprobs(token_logps: Tensor, mask: Tensor, average: bool = False) 
     if not average:
         return total
     return total / weights.sum(dim=-1).clamp(min=1.0)
+
+
+def sums_by_sequence(values: Tensor, sequence_ids: Tensor) -> Tensor:
+    """Per-target values of packed rows (R, T - 1), as `token_logprobs` aligns them, and the
+    packed rows' sequence ids (R, T), -1 on padding (collate.pack) -> (N,) sums per sequence.
+
+    The value at [:, t] scores token t + 1, so it belongs to that token's sequence (collate.pack
+    masks each sequence's first label, so no sequence is scored from another's tokens).
+    """
+    if values.shape != (sequence_ids.shape[0], sequence_ids.shape[1] - 1):
+        raise ValueError(f"values {tuple(values.shape)} must be (R, T - 1) for sequence_ids "
+                         f"{tuple(sequence_ids.shape)}")
+    owner = sequence_ids[:, 1:]
+    real = owner >= 0
+    out = values.new_zeros(int(sequence_ids.max()) + 1)
+    return out.index_add(0, owner[real], values[real])
 
 
 def entropy_from_logits(logits: Tensor, mask: Tensor) -> Tensor:

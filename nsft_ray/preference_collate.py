@@ -9,6 +9,10 @@ B..2B-1 the rejected ones, in the same order, so one forward scores both halves:
     collate = PreferenceCollator(processor, max_length=256)
     batch = collate(rows)  # input_ids, attention_mask, labels (2B, T), pixel_values (2B, ...)
 
+With `pack_tokens` the 2B sequences, in that order, fill padding-free rows instead
+(`collate.pack`: `sequence_ids` says which sequence each token belongs to, `n_sequences` counts
+them).
+
 If the rows carry precomputed reference log-probs (columns `ref_chosen_logps`,
 `ref_rejected_logps`, written by ``ray_glue/dpo.py``), they come through as float32 (B,) tensors.
 """
@@ -24,7 +28,7 @@ from torch import Tensor
 if TYPE_CHECKING:
     from transformers import ProcessorMixin
 
-__all__ = ["REF_COLUMNS", "PreferenceCollator", "split_pairs"]
+__all__ = ["REF_COLUMNS", "PreferenceCollator", "n_sequences", "split_pairs"]
 
 REF_COLUMNS = ("ref_chosen_logps", "ref_rejected_logps")
 
@@ -37,14 +41,23 @@ def split_pairs(x: Tensor) -> tuple[Tensor, Tensor]:
     return x[:half], x[half:]
 
 
-class PreferenceCollator:
-    """Preference rows (list of dicts or a dict of columns) -> a right-padded 2B-row batch."""
+def n_sequences(batch: Mapping[str, Tensor]) -> int:
+    """The chosen and rejected sequences in a batch (2B): its rows, or its packed sequences."""
+    if "sequence_ids" in batch:
+        return int(batch["sequence_ids"].max()) + 1
+    return int(batch["input_ids"].shape[0])
 
-    def __init__(self, processor: ProcessorMixin, max_length: int):
+
+class PreferenceCollator:
+    """Preference rows (list of dicts or a dict of columns) -> a right-padded 2B-row batch, or
+    with `pack_tokens` > 0 (train.pack_tokens) the 2B sequences packed into padding-free rows."""
+
+    def __init__(self, processor: ProcessorMixin, max_length: int, pack_tokens: int = 0):
         from nsft_ray.collate import pad_values  # lazy: see __call__
 
         self.processor = processor
         self.max_length = max_length
+        self.pack_tokens = pack_tokens
         self.pad_values = pad_values(processor)
 
     def __call__(
@@ -52,7 +65,13 @@ class PreferenceCollator:
     ) -> dict[str, Tensor]:
         # Imported here: nsft_ray.collate pulls in transformers, and the algorithms table imports
         # this module (for REF_COLUMNS, split_pairs) in processes that never collate.
-        from nsft_ray.collate import _pad_stack, decode_image, encode_conversation, rows_from_batch
+        from nsft_ray.collate import (
+            _pad_stack,
+            decode_image,
+            encode_conversation,
+            pack,
+            rows_from_batch,
+        )
 
         rows = rows_from_batch(batch)
         if not rows:
@@ -69,8 +88,11 @@ class PreferenceCollator:
             except (ValueError, KeyError, OSError) as e:
                 raise ValueError(f"preference row {row.get('id', i)!r}: {e}") from e
         examples = chosen + rejected
-        out = {k: _pad_stack([ex[k] for ex in examples], self.pad_values.get(k, 0))
-               for k in examples[0]}
+        if self.pack_tokens:
+            out = pack(examples, self.pack_tokens, self.pad_values)
+        else:
+            out = {k: _pad_stack([ex[k] for ex in examples], self.pad_values.get(k, 0))
+                   for k in examples[0]}
         present = [c for c in REF_COLUMNS if c in rows[0]]
         if present and len(present) != len(REF_COLUMNS):
             raise ValueError(f"rows carry {present[0]} but not {set(REF_COLUMNS) - set(present)}")

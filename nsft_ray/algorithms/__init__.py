@@ -75,10 +75,11 @@ def conversation_collate(processor: Any, cfg: Config) -> Callable[[dict], dict]:
 
 
 def preference_collate(processor: Any, cfg: Config) -> Callable[[dict], dict]:
-    """Preference rows -> 2B stacked chosen/rejected sequences (+ precomputed reference logps)."""
+    """Preference rows -> 2B stacked chosen/rejected sequences (+ precomputed reference logps),
+    packed into padding-free rows with train.pack_tokens."""
     from nsft_ray.preference_collate import PreferenceCollator
 
-    return PreferenceCollator(processor, cfg.train.max_length)
+    return PreferenceCollator(processor, cfg.train.max_length, cfg.train.pack_tokens)
 
 
 def image_features_cached(cfg: Config) -> bool:

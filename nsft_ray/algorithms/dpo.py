@@ -13,6 +13,8 @@ pairs of the whole optimizer step (count = pairs), so gradient accumulation is e
 log pi(y_w | x) and log pi(y_l | x) share the image, the prompt and the answers' common opening:
 with `shared_prefix` (the default) that part runs once per pair and both continuations run on its
 KV cache, exactly as one forward over the 2B full rows would score them (tests/test_dpo.py).
+With train.pack_tokens the 2B sequences come packed into padding-free rows instead, scored in one
+forward and summed per sequence (shared_prefix does not apply: its rows are one pair each).
 
 Models resident: the policy and a frozen reference copy of the starting model (2). With
 `precompute_ref`, a Ray Data pass (ray_glue/dpo.py) first writes log pi_ref(y_w | x) and
@@ -33,7 +35,13 @@ from torch import Tensor, nn
 
 from nsft_ray.algorithms.sft import model_inputs
 from nsft_ray.config import DPOConfig
-from nsft_ray.logprobs import IGNORE_INDEX, sequence_logprobs, target_mask, token_logprobs
+from nsft_ray.logprobs import (
+    IGNORE_INDEX,
+    sequence_logprobs,
+    sums_by_sequence,
+    target_mask,
+    token_logprobs,
+)
 from nsft_ray.loop import Batch, Objective
 from nsft_ray.losses import (
     dpo_conservative_loss,
@@ -42,7 +50,7 @@ from nsft_ray.losses import (
     hinge_loss,
     ipo_loss,
 )
-from nsft_ray.preference_collate import REF_COLUMNS, split_pairs
+from nsft_ray.preference_collate import REF_COLUMNS, n_sequences, split_pairs
 
 __all__ = ["DPO_LOSSES", "dpo_objective", "models_resident", "reference_logps"]
 
@@ -69,10 +77,26 @@ def models_resident(cfg: DPOConfig) -> int:
     return 1 if cfg.precompute_ref else 2
 
 
+def per_sequence(values: Tensor, batch: Batch) -> Tensor:
+    """Per-target values (R, T - 1), zero where no answer token is scored -> sums (2B,) per
+    sequence: per row when padded, by `sequence_ids` when packed."""
+    if "sequence_ids" in batch:
+        return sums_by_sequence(values, batch["sequence_ids"])
+    return values.sum(-1)
+
+
+def _answer_tokens(batch: Batch) -> Tensor:
+    """Answer tokens per sequence (2B,), float."""
+    return per_sequence(target_mask(batch["labels"]).float(), batch)
+
+
 def _stacked_answer_logps(model: nn.Module, batch: Batch) -> Tensor:
-    """Summed answer log-probs (2B,), float32: one forward over the 2B full sequences."""
+    """Summed answer log-probs (2B,), float32: one forward over the 2B full sequences, padded
+    or packed (a packed batch goes without its attention mask: sft.model_inputs)."""
     inputs = {k: v for k, v in model_inputs(batch).items() if k not in REF_COLUMNS}
     token_logps = token_logprobs(model(**inputs).logits, batch["labels"])
+    if "sequence_ids" in batch:
+        return per_sequence(token_logps, batch)  # token_logprobs is 0 off the answers
     return sequence_logprobs(token_logps, target_mask(batch["labels"]))
 
 
@@ -184,7 +208,8 @@ def _shared_prefix_answer_logps(model: nn.Module, batch: Batch) -> Tensor:
 
 
 def _answer_logps(model: nn.Module, batch: Batch, shared_prefix: bool) -> Tensor:
-    fn = _shared_prefix_answer_logps if shared_prefix else _stacked_answer_logps
+    packed = "sequence_ids" in batch
+    fn = _shared_prefix_answer_logps if shared_prefix and not packed else _stacked_answer_logps
     return fn(model, batch)
 
 
@@ -218,9 +243,9 @@ def dpo_objective(cfg: DPOConfig, reference: nn.Module | None) -> Objective:
         weights["sft"] = cfg.sft_weight
 
     def count(batch: Batch) -> dict[str, float]:
-        counts = {"dpo": batch["input_ids"].shape[0] / 2}  # pairs
+        counts = {"dpo": n_sequences(batch) / 2}  # pairs
         if "sft" in weights:
-            counts["sft"] = float(split_pairs(target_mask(batch["labels"]))[0].sum())
+            counts["sft"] = float(split_pairs(_answer_tokens(batch))[0].sum())
         return counts
 
     def forward(model: nn.Module, batch: Batch) -> tuple[dict[str, Tensor], dict[str, float]]:
@@ -238,7 +263,7 @@ def dpo_objective(cfg: DPOConfig, reference: nn.Module | None) -> Objective:
         ref_logps = ref_logps.to(logps)
         sft_sum = -split_pairs(logps)[0].sum()  # the chosen answers' summed NLL, before averaging
         if cfg.loss in AVERAGED:
-            n_tokens = target_mask(batch["labels"]).sum(-1).clamp(min=1)  # (2B,) answer lengths
+            n_tokens = _answer_tokens(batch).clamp(min=1)  # (2B,) answer lengths
             logps, ref_logps = logps / n_tokens, ref_logps / n_tokens
         (pc, pr), (rc, rr) = split_pairs(logps), split_pairs(ref_logps)
         loss, metrics = loss_fn(pc, pr, rc, rr, cfg)

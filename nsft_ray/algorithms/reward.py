@@ -25,11 +25,17 @@ from nsft_ray.algorithms.sft import model_inputs
 from nsft_ray.config import Config
 from nsft_ray.loop import Batch, Objective
 from nsft_ray.losses import bradley_terry_loss
-from nsft_ray.preference_collate import REF_COLUMNS, PreferenceCollator, split_pairs
+from nsft_ray.preference_collate import (
+    REF_COLUMNS,
+    PreferenceCollator,
+    n_sequences,
+    split_pairs,
+)
 
 __all__ = [
     "evaluate_reward_model",
     "last_token_scores",
+    "last_token_scores_packed",
     "load_reward_model",
     "pair_scores",
     "reward_objective",
@@ -50,10 +56,28 @@ def last_token_scores(values: Tensor, attention_mask: Tensor) -> Tensor:
     return values.gather(1, last.unsqueeze(1)).squeeze(1)
 
 
+def last_token_scores_packed(values: Tensor, sequence_ids: Tensor) -> Tensor:
+    """(R, T) per-token values of packed rows, (R, T) sequence ids (-1 on padding,
+    collate.pack) -> (N,) value at each sequence's last token."""
+    if values.shape != sequence_ids.shape:
+        raise ValueError(f"values {tuple(values.shape)} and sequence_ids "
+                         f"{tuple(sequence_ids.shape)} must have the same shape")
+    ids = sequence_ids.flatten()
+    real = ids >= 0
+    position = torch.arange(ids.numel(), device=ids.device)
+    last = torch.full((int(ids.max()) + 1,), -1, dtype=torch.long, device=ids.device)
+    last = last.scatter_reduce(0, ids[real], position[real], reduce="amax")
+    return values.flatten()[last]
+
+
 def pair_scores(model: nn.Module, batch: Batch) -> tuple[Tensor, Tensor]:
-    """Scores of the stacked batch's chosen (B,) and rejected (B,) conversations."""
+    """Scores of the stacked batch's chosen (B,) and rejected (B,) conversations, padded or
+    packed (train.pack_tokens: a packed batch goes without its attention mask,
+    sft.model_inputs)."""
     inputs = {k: v for k, v in model_inputs(batch).items() if k not in REF_COLUMNS}
-    values = model(inputs)  # (2B, T), VLMWithValueHead (or its DDP/DeepSpeed wrapper)
+    values = model(inputs)  # (R, T), VLMWithValueHead (or its DDP/DeepSpeed wrapper)
+    if "sequence_ids" in batch:
+        return split_pairs(last_token_scores_packed(values, batch["sequence_ids"]))
     return split_pairs(last_token_scores(values, batch["attention_mask"]))
 
 
@@ -64,7 +88,7 @@ def reward_objective() -> Objective:
         return {"reward": loss * chosen.shape[0]}, {k: float(metrics[k]) for k in METRICS}
 
     return Objective(weights={"reward": 1.0},
-                     count=lambda b: {"reward": b["input_ids"].shape[0] / 2},  # pairs
+                     count=lambda b: {"reward": n_sequences(b) / 2},  # pairs
                      forward=forward)
 
 
