@@ -114,7 +114,9 @@ class ValidationConfig:
     max_pixels: int = 1024 * 1024  # width * height above this is quarantined
     min_side: int = 8  # images smaller than this on a side are quarantined
     batch_size: int = 256  # rows per validation batch in Ray Data
-    concurrency: int = 1  # validator actors in Ray Data (each loads the tokenizer once)
+    # Validator actors in Ray Data when `tokenizer` is set (each loads it once); without a
+    # tokenizer the checks run as Ray Data tasks.
+    concurrency: int = 1
 
 
 @dataclass(frozen=True)
@@ -232,9 +234,11 @@ class TrainConfig:
     # exact (nothing that makes them is trained). Ignored when either part is trained. Memory:
     # one (image tokens, hidden) tensor per distinct image on the training device. sft/nsft/dpo.
     cache_image_features: bool = True
-    # Padding-free packing (sft, nsft): several conversations per row, up to this many tokens;
-    # attention stays within each conversation (position_ids restart at 0). 0: off, one
-    # right-padded conversation per row. At least max_length.
+    # Padding-free packing: several conversations (sft, nsft) or the chosen and rejected
+    # sequences (dpo, reward) per row, up to this many tokens; attention stays within each
+    # sequence (position_ids restart at 0). 0: off, one right-padded sequence per row. At least
+    # max_length. dpo then scores the packed rows in one forward (dpo.shared_prefix needs a row
+    # per pair, so it does not apply).
     pack_tokens: int = 0
     # Collate the next micro-batches in Ray Data's iterator thread while this one trains
     # (iter_torch_batches' collate_fn). Off by default: on CPU the two threads contend for the

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
+import ray
 import torch
 
 from nsft_ray.config import Config, load_config
@@ -93,8 +94,17 @@ def test_sft_ddp_quarantines_trains_exports_and_resumes(ray_local, assets):
     data = f"train.data=[{good},{mixed}]"
     cfg = _cfg(assets, "sft", data, "deepspeed.enabled=false", "train.max_steps=3",
                "train.checkpoint_every=3")
+    started_ms = time.time() * 1000
     summary = train(cfg, "sft")
     _check_quarantine(assets / "sft", summary, good, bad)
+    # The processes this run started: validation ran as tasks (no validator actor without a
+    # tokenizer), and the embedded Ray starts no PreemptionWatcher and reads Parquet without
+    # FooterReader actors (runtime.py); the controller is there, so the list holds this run's.
+    started = {a["ActorClassName"] for a in ray._private.state.actors().values()
+               if a["StartTime"] >= started_ms}
+    assert "TrainController" in started, started
+    assert not {c for c in started if "ValidateBatchFn" in c
+                or c in ("PreemptionWatcher", "FooterReader")}, started
     assert summary["steps"] == 3 and summary["models_resident"] == 1
     assert summary["samples_per_s"] > 0 and summary["peak_memory_bytes"] > 0
     assert _steps(assets / "sft") == [1, 2, 3]

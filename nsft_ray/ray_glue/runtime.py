@@ -21,13 +21,23 @@ import ray.train
 
 __all__ = ["ensure_ray", "ray_log_dir", "quiet_embedded_worker", "quiet_train_reports", "step_bar",
            "TRAIN_LOGGING",
-           "REPORT_POLL_ENV", "REPORT_POLL_S"]
+           "REPORT_POLL_ENV", "REPORT_POLL_S", "PREEMPTION_WATCHER_ENV", "DATASOURCE_V2_ENV"]
 
 # Ray Train's controller collects a worker's `ray.train.report` only when it polls (every 2 s by
 # default) and the worker blocks until then: poll faster on the embedded Ray, where short steps
 # would otherwise wait up to 2 s per report (measured: benchmarks/README.md).
 REPORT_POLL_ENV = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
 REPORT_POLL_S = "0.2"
+# Ray Train starts a PreemptionWatcher actor with every run, to drain workers off cloud nodes
+# being preempted. An embedded Ray is this one machine, which nothing preempts: there it would
+# only be one more process to start before each run's first step (a cluster keeps it).
+PREEMPTION_WATCHER_ENV = "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"
+# Ray Data 2.60 reads Parquet through its DataSource V2 by default, which first reads the files'
+# footers on a pool of new FooterReader actors (2-3 fresh processes per read here), built to
+# spread footer reads over a cluster's nodes. On one machine the V1 reader plans the read in the
+# calling process: reading, shuffling and materializing the demo's 3,982 corrective rows took
+# 0.3-0.4 s against 2.2-4.0 s (benchmarks/README.md). Embedded Ray only; a cluster keeps V2.
+DATASOURCE_V2_ENV = "RAY_DATA_USE_DATASOURCE_V2"
 # For RunConfig(logging_config=...): "Reporting training result N: TrainingReport(...)" is INFO.
 TRAIN_LOGGING = ray.train.LoggingConfig(log_level="WARNING")
 # Ray Data's logger that says (once per process, as a warning) that the bars we turned off are off.
@@ -49,17 +59,9 @@ def ensure_ray(address: str = "", num_cpus: int | None = None) -> None:
     if address:
         ray.init(address=address, logging_level=logging.WARNING)
         return
-    poll = os.environ.setdefault(REPORT_POLL_ENV, REPORT_POLL_S)
-    # Without a GPU, DeepSpeed warns in every process that imports it that it "could not detect"
-    # one and falls back to CPU; naming the accelerator says the same thing once, here.
-    import torch
-
-    accelerator = os.environ.setdefault(
-        "DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
-    env = {"env_vars": {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
-                        REPORT_POLL_ENV: poll, "DS_ACCELERATOR": accelerator,
-                        "RAY_DATA_LOGGING_CONFIG": os.environ["RAY_DATA_LOGGING_CONFIG"]},
-           "worker_process_setup_hook": quiet_embedded_worker}
+    env = {"env_vars": _embedded_env_vars(), "worker_process_setup_hook": quiet_embedded_worker}
+    # This process's Ray Data read ray.data's defaults at import; its datasets carry the context.
+    ray.data.DataContext.get_current().use_datasource_v2 = env["env_vars"][DATASOURCE_V2_ENV] != "0"
     # Ray 2.60 announces at every local start that token auth is on by default; for an instance
     # that lives and dies with this process that is noise (a cluster's head still says it).
     logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(
@@ -68,6 +70,20 @@ def ensure_ray(address: str = "", num_cpus: int | None = None) -> None:
     ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, runtime_env=env,
              logging_level=logging.WARNING)
     print(f"Ray started; its logs: {ray_log_dir()}", flush=True)
+
+
+def _embedded_env_vars() -> dict[str, str]:
+    """The environment of every process of the embedded Ray (set here too, so the driver agrees;
+    a variable the user exported wins)."""
+    # Without a GPU, DeepSpeed warns in every process that imports it that it "could not detect"
+    # one and falls back to CPU; naming the accelerator says the same thing once, here.
+    import torch
+
+    defaults = {REPORT_POLL_ENV: REPORT_POLL_S, PREEMPTION_WATCHER_ENV: "0", DATASOURCE_V2_ENV: "0",
+                "DS_ACCELERATOR": "cuda" if torch.cuda.is_available() else "cpu"}
+    env = {k: os.environ.setdefault(k, v) for k, v in defaults.items()}
+    return {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", **env,
+            "RAY_DATA_LOGGING_CONFIG": os.environ["RAY_DATA_LOGGING_CONFIG"]}
 
 
 def _drop_repeated_bar_closes() -> None:
