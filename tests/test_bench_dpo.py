@@ -21,9 +21,10 @@ _spec.loader.exec_module(bench_dpo)
 def test_ratio_is_ours_over_trl_live_and_loss_check_pairs_repeats():
     """Fails if the ratio is inverted, taken against TRL's precomputed (unsupported) row, or the
     loss check compares runs of different repeats."""
-    results = {"ours-live": {"samples_per_s": 30.0}, "trl-live": {"samples_per_s": 20.0},
-               "trl-precomputed": {"unsupported": "vision"}}
-    assert bench_dpo.ratios(results) == {"dpo_vs_trl_dpo": 1.5}
+    results = {"ours-live-packed": {"samples_per_s": 30.0}, "ours-live": {"samples_per_s": 25.0},
+               "trl-live": {"samples_per_s": 20.0}, "trl-precomputed": {"unsupported": "vision"}}
+    assert bench_dpo.ratios(results) == {"dpo_vs_trl_dpo": 1.5,
+                                         "dpo_shared_prefix_vs_trl_dpo": 1.25}
     log2 = math.log(2)
     runs = {"ours-live": [{"losses": [log2, 0.70]}, {"losses": [log2, 0.60]}],
             "trl-live": [{"losses": [log2, 0.7005]}, {"losses": [log2, 0.60]}]}
@@ -46,10 +47,11 @@ def test_quick_writes_ratios_with_tiny_settings(tmp_path):
     )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     report = json.loads(out.read_text())
-    assert report["settings"]["methods"] == ["ours-live", "trl-live"]  # from --quick
+    assert report["settings"]["methods"] == ["ours-live-packed", "ours-live", "trl-live"]
     assert report["settings"]["steps"] == 3  # an explicit flag beats --quick's value
     # --quick trains the demo's frozen tower (ours on cached features): losses still agree below
     assert report["settings"]["fast_options"] is True
     assert report["ratios"]["dpo_vs_trl_dpo"] > 0
-    check = report["loss_check"]["ours-live_vs_trl-live"]
-    assert check["first_losses_are_log2"] and check["agree"], check
+    for method in ("ours-live-packed", "ours-live"):
+        check = report["loss_check"][f"{method}_vs_trl-live"]
+        assert check["first_losses_are_log2"] and check["agree"], check
