@@ -30,6 +30,7 @@ from nsft_ray.config import OptimConfig
 
 __all__ = [
     "Objective",
+    "samples_in",
     "Engine",
     "TorchEngine",
     "Hooks",
@@ -273,7 +274,7 @@ def fit(objective: Objective, engine: Engine, epochs: Callable[[int], Iterable[B
             _accumulate(step_metrics, {k: v / grad_accum for k, v in extra.items()})
         grad_norm = engine.step()
         state.step += 1
-        step_samples = sum(_batch_size(b) for b in micro)
+        step_samples = sum(samples_in(b) for b in micro)
         step_tokens = sum(int(b["attention_mask"].sum()) for b in micro if "attention_mask" in b)
         state.samples += step_samples
         state.tokens += step_tokens
@@ -314,8 +315,9 @@ def _accumulate(acc: dict[str, float], new: dict[str, float]) -> None:
         acc[k] = acc.get(k, 0.0) + float(v)
 
 
-def _batch_size(batch: Batch) -> int:
-    """Samples in a micro-batch: rows, or the conversations packed into them (sequence_ids)."""
+def samples_in(batch: Batch) -> int:
+    """Samples in a micro-batch: rows, or the sequences packed into them (sequence_ids); for
+    dpo and reward, chosen plus rejected sequences (2B)."""
     if "sequence_ids" in batch:
         return int(batch["sequence_ids"].max()) + 1
     return int(next(v for v in batch.values() if isinstance(v, Tensor)).shape[0])

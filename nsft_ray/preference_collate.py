@@ -10,8 +10,8 @@ B..2B-1 the rejected ones, in the same order, so one forward scores both halves:
     batch = collate(rows)  # input_ids, attention_mask, labels (2B, T), pixel_values (2B, ...)
 
 With `pack_tokens` the 2B sequences, in that order, fill padding-free rows instead
-(`collate.pack`: `sequence_ids` says which sequence each token belongs to, `n_sequences` counts
-them).
+(`collate.pack`: `sequence_ids` says which sequence each token belongs to; `loop.samples_in`
+counts them).
 
 If the rows carry precomputed reference log-probs (columns `ref_chosen_logps`,
 `ref_rejected_logps`, written by ``ray_glue/dpo.py``), they come through as float32 (B,) tensors.
@@ -28,7 +28,7 @@ from torch import Tensor
 if TYPE_CHECKING:
     from transformers import ProcessorMixin
 
-__all__ = ["REF_COLUMNS", "PreferenceCollator", "n_sequences", "split_pairs"]
+__all__ = ["REF_COLUMNS", "PreferenceCollator", "split_pairs"]
 
 REF_COLUMNS = ("ref_chosen_logps", "ref_rejected_logps")
 
@@ -39,13 +39,6 @@ def split_pairs(x: Tensor) -> tuple[Tensor, Tensor]:
         raise ValueError(f"expected 2B stacked rows (chosen then rejected), got {x.shape[0]}")
     half = x.shape[0] // 2
     return x[:half], x[half:]
-
-
-def n_sequences(batch: Mapping[str, Tensor]) -> int:
-    """The chosen and rejected sequences in a batch (2B): its rows, or its packed sequences."""
-    if "sequence_ids" in batch:
-        return int(batch["sequence_ids"].max()) + 1
-    return int(batch["input_ids"].shape[0])
 
 
 class PreferenceCollator:

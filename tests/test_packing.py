@@ -27,7 +27,7 @@ from nsft_ray.config import (  # noqa: E402
     load_config,
 )
 from nsft_ray.image_features import ImageFeatureCache, with_cached_image_features  # noqa: E402
-from nsft_ray.loop import _batch_size  # noqa: E402
+from nsft_ray.loop import samples_in  # noqa: E402
 from nsft_ray.models import build_tiny_vlm, freeze, load_vlm  # noqa: E402
 from tests.test_image_features import CORPUS, NO, QA, png  # noqa: E402
 
@@ -92,7 +92,7 @@ def test_packed_rows_give_the_padded_losses_and_gradients(tiny, objective):
     assert packed["input_ids"].shape[1] <= budget
     first = packed["position_ids"][0].tolist()  # restarts where conversation 1 begins
     assert first[:lengths[0] + 1] == [*range(lengths[0]), 0]
-    assert _batch_size(packed) == len(CONVERSATIONS) and _batch_size(padded) == len(CONVERSATIONS)
+    assert samples_in(packed) == len(CONVERSATIONS) and samples_in(padded) == len(CONVERSATIONS)
     assert int(packed["attention_mask"].sum()) == int(padded["attention_mask"].sum())
     expected = terms(model, objective, padded)
     assert_same(terms(model, objective, packed), expected)

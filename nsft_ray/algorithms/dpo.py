@@ -42,7 +42,7 @@ from nsft_ray.logprobs import (
     target_mask,
     token_logprobs,
 )
-from nsft_ray.loop import Batch, Objective
+from nsft_ray.loop import Batch, Objective, samples_in
 from nsft_ray.losses import (
     dpo_conservative_loss,
     dpo_robust_loss,
@@ -50,7 +50,7 @@ from nsft_ray.losses import (
     hinge_loss,
     ipo_loss,
 )
-from nsft_ray.preference_collate import REF_COLUMNS, n_sequences, split_pairs
+from nsft_ray.preference_collate import REF_COLUMNS, split_pairs
 
 __all__ = ["DPO_LOSSES", "dpo_objective", "models_resident", "reference_logps"]
 
@@ -77,7 +77,7 @@ def models_resident(cfg: DPOConfig) -> int:
     return 1 if cfg.precompute_ref else 2
 
 
-def per_sequence(values: Tensor, batch: Batch) -> Tensor:
+def _per_sequence(values: Tensor, batch: Batch) -> Tensor:
     """Per-target values (R, T - 1), zero where no answer token is scored -> sums (2B,) per
     sequence: per row when padded, by `sequence_ids` when packed."""
     if "sequence_ids" in batch:
@@ -87,17 +87,15 @@ def per_sequence(values: Tensor, batch: Batch) -> Tensor:
 
 def _answer_tokens(batch: Batch) -> Tensor:
     """Answer tokens per sequence (2B,), float."""
-    return per_sequence(target_mask(batch["labels"]).float(), batch)
+    return _per_sequence(target_mask(batch["labels"]).float(), batch)
 
 
 def _stacked_answer_logps(model: nn.Module, batch: Batch) -> Tensor:
     """Summed answer log-probs (2B,), float32: one forward over the 2B full sequences, padded
     or packed (a packed batch goes without its attention mask: sft.model_inputs)."""
     inputs = {k: v for k, v in model_inputs(batch).items() if k not in REF_COLUMNS}
-    token_logps = token_logprobs(model(**inputs).logits, batch["labels"])
-    if "sequence_ids" in batch:
-        return per_sequence(token_logps, batch)  # token_logprobs is 0 off the answers
-    return sequence_logprobs(token_logps, target_mask(batch["labels"]))
+    # token_logprobs is 0 off the answer tokens, so a plain sum per sequence is the answer's.
+    return _per_sequence(token_logprobs(model(**inputs).logits, batch["labels"]), batch)
 
 
 def _shared_prefix_lengths(batch: Batch) -> tuple[Tensor, Tensor, Tensor]:
@@ -243,7 +241,7 @@ def dpo_objective(cfg: DPOConfig, reference: nn.Module | None) -> Objective:
         weights["sft"] = cfg.sft_weight
 
     def count(batch: Batch) -> dict[str, float]:
-        counts = {"dpo": n_sequences(batch) / 2}  # pairs
+        counts = {"dpo": samples_in(batch) / 2}  # pairs
         if "sft" in weights:
             counts["sft"] = float(split_pairs(_answer_tokens(batch))[0].sum())
         return counts

@@ -23,14 +23,9 @@ from torch import Tensor, nn
 
 from nsft_ray.algorithms.sft import model_inputs
 from nsft_ray.config import Config
-from nsft_ray.loop import Batch, Objective
+from nsft_ray.loop import Batch, Objective, samples_in
 from nsft_ray.losses import bradley_terry_loss
-from nsft_ray.preference_collate import (
-    REF_COLUMNS,
-    PreferenceCollator,
-    n_sequences,
-    split_pairs,
-)
+from nsft_ray.preference_collate import REF_COLUMNS, PreferenceCollator, split_pairs
 
 __all__ = [
     "evaluate_reward_model",
@@ -88,7 +83,7 @@ def reward_objective() -> Objective:
         return {"reward": loss * chosen.shape[0]}, {k: float(metrics[k]) for k in METRICS}
 
     return Objective(weights={"reward": 1.0},
-                     count=lambda b: {"reward": n_sequences(b) / 2},  # pairs
+                     count=lambda b: {"reward": samples_in(b) / 2},  # pairs
                      forward=forward)
 
 
