@@ -14,9 +14,13 @@ smaller than `--batch` when a client is between requests.
 Without --model-dir a tiny Idefics3 model is built into a temporary folder.
 http goes to the ingress replica's own port (Ray Serve's direct ingress, as `nsft-ray serve` prints
 it) unless --via-proxy sends it through Serve's proxy.
---quick: Ray Serve started once; `--repeats` interleaved rounds of (in-process, http) at --batch
-and at batch 1; the JSON's `ratios.serve_http_vs_in_process` and `p50_overhead_ms_batch1` are
-taken between the medians. `outputs_agree`: both modes returned the same greedy texts.
+--quick: Ray Serve started once; `--repeats` interleaved repeats of (in-process, http with
+--clients, default 2 x --batch, http with exactly --batch clients) at --batch and of (in-process,
+http) at batch 1. The JSON's `ratios.serve_http_vs_in_process` (2 x --batch clients: a full batch
+always queued, as the in-process side always has its next batch ready),
+`ratios.serve_http_vs_in_process_closed_loop` (--batch clients: the model idles for each round
+trip) and `p50_overhead_ms_batch1` are taken between the medians. `outputs_agree`: every round
+returned the in-process side's greedy texts.
 """
 
 from __future__ import annotations
@@ -98,8 +102,8 @@ def bench_in_process(local: InProcess, batch: int, requests: int, max_tokens: in
 
 def bench_http(url: str, model: str, batch: int, requests: int, max_tokens: int,
                warmup: int = 2, clients: int = 0) -> dict:
-    """`clients` (default `batch`) concurrent clients sending `requests` in total against a
-    server batching up to `batch`; latency per HTTP request."""
+    """`clients` (default `batch`) concurrent closed-loop clients sending `requests` in total
+    against a server batching up to `batch`; latency per HTTP request."""
     clients = clients or batch
     good, _ = make_payloads(model, max_tokens)
     endpoint = url.rstrip("/") + "/v1/chat/completions"
@@ -118,11 +122,15 @@ def bench_http(url: str, model: str, batch: int, requests: int, max_tokens: int,
         return out
 
     shares = [requests // clients + (i < requests % clients) for i in range(clients)]
-    # Clients made before the clock starts: an httpx.Client builds an SSL context (the CA
-    # bundle) when it is made, 50-100 ms of CPU each, which py-spy showed taking 56% of the
-    # load generator's samples inside the timed window, on the cores the server needs.
+    # Clients made and connected before the clock starts, as a load generator's keep-alive pool
+    # is: an httpx.Client builds an SSL context (the CA bundle) when it is made, 50-100 ms of CPU
+    # each, which py-spy showed taking 56% of the load generator's samples inside the timed
+    # window, on the cores the server needs; the first request of each also opened its TCP
+    # connection inside the window.
     sessions = [httpx.Client(timeout=120.0) for _ in range(clients)]
     try:
+        for http in sessions:
+            http.get(url.rstrip("/") + "/health").raise_for_status()
         t0 = time.perf_counter()
         with ThreadPoolExecutor(max_workers=clients) as pool:
             done = [item for part in pool.map(client, sessions, shares) for item in part]
@@ -141,14 +149,16 @@ def _free_port() -> int:
 
 
 def _start_serve(model_dir: str, model: str, backend: str, batch: int, threads: int,
-                 direct: bool = True, via_proxy: bool = False) -> tuple[str, str]:
-    """Serve the model; return the URL the clients call and which endpoint it is: the ingress
-    replica's own port (direct ingress, as `nsft-ray serve` prints it) or Serve's proxy."""
+                 overrides: tuple[str, ...] = (), via_proxy: bool = False,
+                 versus: tuple[str, ...] = ()) -> tuple[str, str, str]:
+    """Serve the model (serve config `overrides` last); return the URL the clients call, which
+    endpoint it is (the ingress replica's own port, direct ingress as `nsft-ray serve` prints
+    it, or Serve's proxy) and, with `versus`, the URL of a second app "versus" that serves the
+    same model with `versus` added to the overrides ("" without)."""
     import ray
     from ray import serve
 
-    from serve.app import APP_NAME, build_app, direct_urls, use_latency_settings
-    from serve.config import load_serve_config
+    from serve.app import use_latency_settings
 
     if not ray.is_initialized():
         # Workers must import `serve` even when the package is used from a source checkout.
@@ -161,14 +171,28 @@ def _start_serve(model_dir: str, model: str, backend: str, batch: int, threads: 
         ray.init(num_cpus=4, include_dashboard=False)
     port = _free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
+    base = (model_dir, model, backend, batch, threads, port, via_proxy)
+    url, endpoint = _deploy(*base, overrides, "")
+    return url, endpoint, _deploy(*base, (*overrides, *versus), "versus")[0] if versus else ""
+
+
+def _deploy(model_dir: str, model: str, backend: str, batch: int, threads: int, port: int,
+            via_proxy: bool, overrides: tuple[str, ...], name: str) -> tuple[str, str]:
+    """One Serve app for the model, at route prefix /`name` (the main app at /)."""
+    from ray import serve
+
+    from serve.app import APP_NAME, build_app, direct_urls
+    from serve.config import load_serve_config
+
     cfg = load_serve_config(models={model: model_dir}, backend=backend, port=port, overrides=[
         f"replicas.max_batch_size={batch}", f"replicas.max_ongoing_requests={max(32, batch)}",
-        f"replicas.num_cpus={threads}", f"direct={str(direct).lower()}"])
-    serve.run(build_app(cfg), name=APP_NAME, route_prefix="/")
-    replicas = [] if via_proxy else direct_urls("127.0.0.1")
+        f"replicas.num_cpus={threads}", *overrides])
+    app_name, prefix = name or APP_NAME, f"/{name}" if name else ""
+    serve.run(build_app(cfg), name=app_name, route_prefix=prefix or "/")
+    replicas = [] if via_proxy else direct_urls("127.0.0.1", app_name)
     if len(replicas) == 1:
-        return replicas[0], "replica (direct ingress)"
-    return f"http://127.0.0.1:{port}", "proxy"
+        return replicas[0] + prefix, "replica (direct ingress)"
+    return f"http://127.0.0.1:{port}{prefix}", "proxy"
 
 
 def _stop_serve() -> None:
@@ -183,7 +207,7 @@ def _ratio(http: dict, inproc: dict) -> float:
 
 def run_bench(model_dir: str, *, backend: str = "hf", batch: int = 8, requests: int = 64,
               max_tokens: int = 16, threads: int = 1, url: str = "", model: str = MODEL,
-              clients: int = 0, direct: bool = True, via_proxy: bool = False) -> dict:
+              clients: int = 0, overrides: tuple[str, ...] = (), via_proxy: bool = False) -> dict:
     """Both modes once on the same model, served as `model` (at `url` if given, else started
     here); `clients` concurrent HTTP clients (default `batch`)."""
     import torch
@@ -196,7 +220,8 @@ def run_bench(model_dir: str, *, backend: str = "hf", batch: int = 8, requests: 
         torch.set_num_threads(previous)
     started, endpoint = not url, "--url"
     if started:
-        url, endpoint = _start_serve(model_dir, model, backend, batch, threads, direct, via_proxy)
+        url, endpoint, _ = _start_serve(model_dir, model, backend, batch, threads, overrides,
+                                        via_proxy)
     try:
         http = bench_http(url, model, batch, requests, max_tokens, clients=clients)
     finally:
@@ -204,7 +229,7 @@ def run_bench(model_dir: str, *, backend: str = "hf", batch: int = 8, requests: 
             _stop_serve()
     return {
         "model_dir": model_dir, "backend": backend, "max_tokens": max_tokens, "threads": threads,
-        "layout": "direct" if direct else "gateway", "endpoint": endpoint,
+        "serve_overrides": list(overrides), "endpoint": endpoint,
         "results": [inproc, http],
         "outputs_agree": inproc["texts"] == http["texts"],
         "http_overhead_p50_ms": round(http["p50_ms"] - inproc["p50_ms"], 1),
@@ -222,60 +247,106 @@ def _median_row(rows: list[dict]) -> dict:
     return out
 
 
-def run_quick(model_dir: str, *, backend: str = "hf", batch: int = 8, requests: int = 64,
+def _quick_rounds(batch: int, requests: int, requests_batch1: int, clients: int,
+                  versus: bool) -> list[tuple[str, int, int, int]]:
+    """One repeat's rounds as (mode, batch, requests, clients): at `batch`, in-process, HTTP
+    with `clients` (saturating), the "versus" app's HTTP likewise when there is one, and HTTP
+    with exactly `batch` clients (closed loop); at batch 1, in-process and one HTTP client."""
+    rounds = [("in-process", batch, requests, 0), ("http", batch, requests, clients)]
+    if versus:
+        rounds.append(("versus", batch, requests, clients))
+    if clients != batch:
+        rounds.append(("http", batch, requests, batch))
+    if batch != 1:
+        rounds += [("in-process", 1, requests_batch1, 0), ("http", 1, requests_batch1, 1)]
+    return rounds
+
+
+def run_quick(model_dir: str, *, backend: str = "hf", batch: int = 8, requests: int = 256,
               requests_batch1: int = 16, max_tokens: int = 16, threads: int = 1,
-              repeats: int = 3, url: str = "", model: str = MODEL, clients: int = 0,
-              direct: bool = True, via_proxy: bool = False) -> dict:
-    """`repeats` interleaved rounds of (in-process, http) at `batch` and at batch 1; one Serve
-    app for all rounds. Ratios and overheads are taken between the medians. At `batch`, HTTP has
-    `clients` concurrent clients (default `batch`); at batch 1, one."""
+              repeats: int = 5, url: str = "", model: str = MODEL, clients: int = 0,
+              overrides: tuple[str, ...] = (), via_proxy: bool = False,
+              versus: tuple[str, ...] = ()) -> dict:
+    """`repeats` interleaved repeats of `_quick_rounds`; one Serve app for all (and a second,
+    "versus", with the `versus` overrides, measured in the same repeats). Ratios and overheads
+    are taken between the medians. `clients` defaults to 2 x `batch`: a closed-loop client
+    waits for its answer, so with only `batch` of them the model idles for every round trip,
+    while the in-process side, whose next batch is always ready, measures capacity."""
     import torch
 
+    clients = clients or 2 * batch
     previous = torch.get_num_threads()
     local = InProcess(model_dir, backend, threads)
-    started, endpoint = not url, "--url"
+    started, endpoint, urls = not url, "--url", {"http": url}
     if started:
-        url, endpoint = _start_serve(model_dir, model, backend, batch, threads, direct, via_proxy)
-    sizes = [(batch, requests)] + ([(1, requests_batch1)] if batch != 1 else [])
-    raw: dict[tuple[str, int], list[dict]] = {}
+        urls["http"], endpoint, urls["versus"] = _start_serve(
+            model_dir, model, backend, batch, threads, overrides, via_proxy, versus)
+    rounds = _quick_rounds(batch, requests, requests_batch1, clients, bool(versus))
+    raw: dict[tuple[str, int, int], list[dict]] = {}
     try:
-        for b, _ in sizes:  # warm both sides at each batch before any timing
-            bench_in_process(local, b, b, max_tokens, warmup=2)
-            bench_http(url, model, b, b, max_tokens, warmup=2)
+        for mode, b, _, c in rounds:  # warm every round's path before any timing
+            if mode == "in-process":
+                bench_in_process(local, b, b, max_tokens, warmup=2)
+            else:
+                bench_http(urls[mode], model, b, c, max_tokens, warmup=2, clients=c)
         for _ in range(repeats):
-            for b, n in sizes:
-                raw.setdefault(("in-process", b), []).append(
-                    bench_in_process(local, b, n, max_tokens, warmup=0))
-                raw.setdefault(("http", b), []).append(bench_http(
-                    url, model, b, n, max_tokens, warmup=0, clients=clients if b > 1 else 1))
+            for mode, b, n, c in rounds:
+                raw.setdefault((mode, b, c), []).append(
+                    bench_in_process(local, b, n, max_tokens, warmup=0) if mode == "in-process"
+                    else bench_http(urls[mode], model, b, n, max_tokens, warmup=0, clients=c))
     finally:
         torch.set_num_threads(previous)
         if started:
             _stop_serve()
+    report = _quick_report(raw, batch, clients, model_dir=model_dir, backend=backend,
+                           max_tokens=max_tokens, threads=threads, repeats=repeats,
+                           serve_overrides=list(overrides), endpoint=endpoint)
+    if versus:
+        report["versus"] = _versus_report(raw, batch, clients, versus)
+    return report
+
+
+def _quick_report(raw: dict, batch: int, clients: int, **meta) -> dict:
     med = {key: _median_row(rows) for key, rows in raw.items()}
     texts = {key: sorted({t for r in rows for t in r["texts"]}) for key, rows in raw.items()}
-    agree = all(texts[("in-process", b)] == texts[("http", b)] for b, _ in sizes)
+    agree = all(t == texts[("in-process", key[1], 0)] for key, t in texts.items())
+    inproc, inproc1 = med[("in-process", batch, 0)], med[("in-process", 1, 0)]
+    ratios = {"serve_http_vs_in_process": _ratio(med[("http", batch, clients)], inproc)}
+    if ("http", batch, batch) in med:
+        ratios["serve_http_vs_in_process_closed_loop"] = _ratio(med[("http", batch, batch)],
+                                                                inproc)
     return {
-        "quick": True, "model_dir": model_dir, "backend": backend, "max_tokens": max_tokens,
-        "threads": threads, "repeats": repeats, "clients": clients or batch,
-        "layout": "direct" if direct else "gateway", "endpoint": endpoint,
-        "results": [med[(m, b)] for b, _ in sizes for m in ("in-process", "http")],
-        "raw": {f"{m}@{b}": [{k: r[k] for k in ("requests_per_s", "p50_ms", "p99_ms")}
-                             for r in rows] for (m, b), rows in raw.items()},
-        "texts": {f"{m}@{b}": t for (m, b), t in texts.items()},
+        "quick": True, **meta, "clients": clients,
+        "results": [med[k] for k in med if k[0] != "versus"],
+        "raw": {f"{m}@{b}" + (f"x{c}" if c else ""):
+                [{k: r[k] for k in ("requests_per_s", "p50_ms", "p99_ms")} for r in rows]
+                for (m, b, c), rows in raw.items()},
         "outputs_agree": agree,
-        "http_overhead_p50_ms": round(med[("http", batch)]["p50_ms"]
-                                      - med[("in-process", batch)]["p50_ms"], 1),
-        "p50_overhead_ms_batch1": round(med[("http", 1)]["p50_ms"]
-                                        - med[("in-process", 1)]["p50_ms"], 1),
-        "ratios": {"serve_http_vs_in_process": _ratio(med[("http", batch)],
-                                                      med[("in-process", batch)])},
+        "http_overhead_p50_ms": round(med[("http", batch, clients)]["p50_ms"]
+                                      - inproc["p50_ms"], 1),
+        "p50_overhead_ms_batch1": round(med[("http", 1, 1)]["p50_ms"] - inproc1["p50_ms"], 1),
+        "ratios": ratios,
+    }
+
+
+def _versus_report(raw: dict, batch: int, clients: int, versus: tuple[str, ...]) -> dict:
+    """The second app against the first, repeat by repeat (each pair ran back to back, so the
+    machine's drift between repeats cancels), and against in-process."""
+    ours, theirs = raw[("http", batch, clients)], raw[("versus", batch, clients)]
+    inproc = _median_row(raw[("in-process", batch, 0)])
+    pairs = [v["requests_per_s"] / h["requests_per_s"] for h, v in zip(ours, theirs, strict=True)]
+    return {
+        "overrides": list(versus),
+        "requests_per_s": _median_row(theirs)["requests_per_s"],
+        "vs_in_process": _ratio(_median_row(theirs), inproc),
+        "vs_http_per_repeat": [round(x, 3) for x in pairs],
+        "vs_http_median": round(statistics.median(pairs), 3),
     }
 
 
 def print_table(report: dict) -> None:
-    cols = ("mode", "batch", "requests", "requests_per_s", "p50_ms", "p99_ms")
-    rows = [[str(r[c]) for c in cols] for r in report["results"]]
+    cols = ("mode", "batch", "clients", "requests", "requests_per_s", "p50_ms", "p99_ms")
+    rows = [[str(r.get(c, "")) for c in cols] for r in report["results"]]
     widths = [max(len(c), *(len(row[i]) for row in rows)) for i, c in enumerate(cols)]
     print("  ".join(c.ljust(w) for c, w in zip(cols, widths, strict=True)))
     for row in rows:
@@ -283,9 +354,14 @@ def print_table(report: dict) -> None:
     if report.get("quick"):
         print(f"medians of {report['repeats']} interleaved repeats; p50 overhead at batch 1: "
               f"{report['p50_overhead_ms_batch1']} ms")
-    print(f"http clients called the {report['endpoint']}; "
-          f"http overhead at p50: {report['http_overhead_p50_ms']} ms; http / in-process "
-          f"throughput: {report['ratios']['serve_http_vs_in_process']}; "
+    if "versus" in report:
+        v = report["versus"]
+        print(f"versus ({' '.join(v['overrides'])}): {v['requests_per_s']} req/s, "
+              f"{v['vs_in_process']} of in-process; against http, repeat by repeat: "
+              f"median {v['vs_http_median']} ({v['vs_http_per_repeat']})")
+    ratios = ", ".join(f"{k} {v}" for k, v in report["ratios"].items())
+    print(f"http clients called the {report['endpoint']}; http overhead at p50: "
+          f"{report['http_overhead_p50_ms']} ms; {ratios}; "
           f"outputs agree: {report['outputs_agree']}")
 
 
@@ -294,7 +370,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model-dir", default="", help="HF folder (default: build a tiny VLM)")
     p.add_argument("--backend", choices=["hf", "vllm"], default="hf")
     p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--requests", type=int, default=64)
+    p.add_argument("--requests", type=int, default=256,
+                   help="requests per round at --batch (256: 32 batches of 8, so that a round's "
+                   "ramp-up and drain are a small part of it)")
     p.add_argument("--max-tokens", type=int, default=16)
     p.add_argument("--threads", type=int, default=1,
                    help="torch threads in-process = CPUs of the Serve replica")
@@ -304,19 +382,27 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true",
                    help="medians of --repeats interleaved rounds at --batch and at batch 1, one "
                    "Serve app for all (under 4 minutes on 2 cores)")
-    p.add_argument("--repeats", type=int, default=3, help="rounds per mode with --quick")
+    p.add_argument("--repeats", type=int, default=5, help="rounds per mode with --quick")
     p.add_argument("--requests-batch1", type=int, default=16,
                    help="requests per round at batch 1 with --quick")
     p.add_argument("--clients", type=int, default=0,
-                   help="concurrent HTTP clients at --batch (default --batch). Each client waits "
-                   "for its answer, so with exactly --batch of them the model idles for every "
-                   "round trip; 2x --batch keeps a full batch queued, as under real load")
+                   help="concurrent closed-loop HTTP clients at --batch (default: --batch without "
+                   "--quick; 2x --batch with it, which keeps a full batch queued as the "
+                   "in-process side always has one; --quick also runs exactly --batch clients, "
+                   "with which the model idles for every round trip)")
     p.add_argument("--gateway", action="store_true",
                    help="serve through the gateway deployment (direct=false, the layout of "
                         "several models) instead of the model replica as its own ingress")
     p.add_argument("--via-proxy", action="store_true",
                    help="send the HTTP clients to Serve's proxy (the `port` address) instead of "
                         "the ingress replica's own direct-ingress port")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="serve config override for the served app (repeatable), e.g. "
+                        "replicas.engine_process=false to generate in the replica's process")
+    p.add_argument("--versus", action="append", default=[], metavar="KEY=VALUE",
+                   help="with --quick: also serve the model as a second app with this override "
+                        "(repeatable) and measure it in the same repeats, e.g. "
+                        "replicas.engine_process=false")
     p.add_argument("--out", default="", help="JSON file to write")
     args = p.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -330,11 +416,11 @@ def main(argv: list[str] | None = None) -> int:
                                        corpus(WorldConfig(), n=300, seed=0)))
     common = dict(backend=args.backend, batch=args.batch, requests=args.requests,
                   max_tokens=args.max_tokens, threads=args.threads, url=args.url,
-                  model=args.model, clients=args.clients, direct=not args.gateway,
-                  via_proxy=args.via_proxy)
+                  model=args.model, clients=args.clients, via_proxy=args.via_proxy,
+                  overrides=tuple(["direct=false"] * args.gateway + args.set))
     model_dir = str(Path(model_dir).resolve())
     if args.quick:
-        report = run_quick(model_dir, repeats=args.repeats,
+        report = run_quick(model_dir, repeats=args.repeats, versus=tuple(args.versus),
                            requests_batch1=args.requests_batch1, **common)
     else:
         report = run_bench(model_dir, **common)

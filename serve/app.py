@@ -31,6 +31,7 @@ from serve.api import create_app, resolve_token
 from serve.backends import GenRequest, GenResult, make_backend
 from serve.batching import Batcher
 from serve.config import LimitsConfig, ReplicaConfig, ServeConfig, load_serve_config
+from serve.engine_process import EngineProcess
 from serve.schemas import ApiError
 
 __all__ = [
@@ -45,14 +46,21 @@ class ModelEngine:
     """One model; concurrent requests are merged into batches of up to max_batch_size."""
 
     def __init__(self, backend: str, path: str, limits: LimitsConfig, max_batch_size: int,
-                 batch_wait_timeout_s: float) -> None:
-        self.backend = make_backend(backend, path, limits)
+                 batch_wait_timeout_s: float, engine_process: bool = True) -> None:
+        use_process = engine_process and backend == "hf"  # vLLM has an engine process already
+        self.backend = (EngineProcess(backend, path, limits) if use_process
+                        else make_backend(backend, path, limits))
         # serve/batching.py, not @serve.batch: Serve's batcher splits concurrent requests into
         # batches of 1-2 while the model is busy (see that module's docstring).
         self.batcher = Batcher(self.backend.generate, max_batch_size, batch_wait_timeout_s)
 
     async def generate(self, request: GenRequest) -> GenResult | ApiError:
         return await self.batcher.submit(request)
+
+    def check_health(self) -> None:
+        """Ray Serve calls this periodically; raising makes it replace the replica."""
+        if isinstance(self.backend, EngineProcess) and not self.backend.alive():
+            raise RuntimeError("the engine process exited; this replica cannot generate")
 
 
 @serve.deployment
@@ -91,12 +99,17 @@ class DirectModel:
     a gateway -> model call (a serialized request and a reply per request)."""
 
     def __init__(self, name: str, backend: str, path: str, limits: LimitsConfig,
-                 max_batch_size: int, batch_wait_timeout_s: float, auth_token_env: str) -> None:
-        engine = ModelEngine(backend, path, limits, max_batch_size, batch_wait_timeout_s)
-        self._fastapi = create_app({name: engine}, limits, resolve_token(auth_token_env))
+                 max_batch_size: int, batch_wait_timeout_s: float, auth_token_env: str,
+                 engine_process: bool = True) -> None:
+        self.engine = ModelEngine(backend, path, limits, max_batch_size, batch_wait_timeout_s,
+                                  engine_process)
+        self._fastapi = create_app({name: self.engine}, limits, resolve_token(auth_token_env))
 
     def __serve_build_asgi_app__(self):
         return self._fastapi
+
+    def check_health(self) -> None:
+        self.engine.check_health()
 
 
 # Ray and Ray Serve settings for a latency-bound app, read when Ray starts its processes (so they
@@ -182,9 +195,10 @@ def build_app(spec: ServeConfig) -> Application:
         options["ray_actor_options"].update(_token_env(spec))
         return DirectModel.options(name=f"model-{name}", **options).bind(
             name, spec.backend, folder, spec.limits, r.max_batch_size, r.batch_wait_timeout_s,
-            spec.auth_token_env)
+            spec.auth_token_env, r.engine_process)
     models = {name: ModelServer.options(name=f"model-{name}", **_model_options(r)).bind(
-        spec.backend, folder, spec.limits, r.max_batch_size, r.batch_wait_timeout_s)
+        spec.backend, folder, spec.limits, r.max_batch_size, r.batch_wait_timeout_s,
+        r.engine_process)
         for name, folder in folders.items()}
     # The gateway only parses and routes: no CPU reservation, so it never waits for a core.
     actor_options: dict = {"num_cpus": 0, **_token_env(spec)}

@@ -53,6 +53,10 @@ class ReplicaConfig:
     # How long a partial batch waits for the callers expected back (serve/batching.py); a lone
     # caller never waits. 0.01 s split 8 closed-loop clients into 7 + 1 on a loaded machine.
     batch_wait_timeout_s: float = 0.05
+    # hf: the model generates in a child process of the replica (serve/engine_process.py), so
+    # HTTP handling does not take turns with generation on one GIL. vLLM runs its engine core in
+    # a process of its own already and ignores this.
+    engine_process: bool = True
 
     @property
     def max_replicas(self) -> int:

@@ -155,13 +155,15 @@ def test_bench_serve_quick_reports_ratio_overhead_and_agreement(server, model_di
     from benchmarks.bench_serve import run_quick
 
     report = run_quick(model_dir, batch=2, requests=4, requests_batch1=2, max_tokens=4,
-                       repeats=1, url=server, model="base", clients=4)
-    assert [(r["mode"], r["batch"]) for r in report["results"]] == [
-        ("in-process", 2), ("http (Ray Serve)", 2), ("in-process", 1), ("http (Ray Serve)", 1)]
-    # --clients applies at the batch; the batch-1 latency round keeps one client.
-    assert report["clients"] == 4 and report["results"][1]["clients"] == 4
-    assert report["results"][3]["clients"] == 1
-    assert report["ratios"]["serve_http_vs_in_process"] > 0
+                       repeats=1, url=server, model="base")
+    assert [(r["mode"], r["batch"], r.get("clients")) for r in report["results"]] == [
+        ("in-process", 2, None), ("http (Ray Serve)", 2, 4), ("http (Ray Serve)", 2, 2),
+        ("in-process", 1, None), ("http (Ray Serve)", 1, 1)]
+    # Saturating clients (2 x batch) by default, the closed loop at exactly the batch beside it.
+    assert report["clients"] == 4
+    assert set(report["ratios"]) == {"serve_http_vs_in_process",
+                                     "serve_http_vs_in_process_closed_loop"}
+    assert all(v > 0 for v in report["ratios"].values())
     assert isinstance(report["p50_overhead_ms_batch1"], float)
     assert report["outputs_agree"] is True
 

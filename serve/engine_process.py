@@ -1,0 +1,92 @@
+"""A generation backend in a child process of its own, behind the same `generate` method.
+
+    backend = EngineProcess("hf", path, limits)    # spawns the child, which loads the model
+    results = backend.generate(requests)           # blocks this thread, not the GIL
+
+Why: the HTTP side of a replica (uvicorn, FastAPI, Ray Serve's request wrappers, JSON) is Python,
+and so is much of a small model's decode step, so in one process the two take turns on the GIL:
+each request handled during a batch lengthens that batch. With the model in a child process, the
+parent's thread waits on a pipe (GIL released) and handles requests on another core while the
+child generates. vLLM's API server splits off its engine core for the same reason. Requests and
+results cross the pipe pickled (a decoded PIL image, a few strings); the child exits when the
+pipe closes, so it cannot outlive a replica that is killed.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import threading
+from multiprocessing.connection import Connection
+
+from serve.backends import GenRequest, GenResult, make_backend
+from serve.config import LimitsConfig
+from serve.schemas import ApiError
+
+__all__ = ["EngineProcess"]
+
+
+def _child(conn: Connection, kind: str, path: str, limits: LimitsConfig) -> None:
+    """The child's loop: build the backend, report ("ready", context_length) or ("error", e),
+    then answer each list of requests with ("ok", results) or ("error", e) until EOF."""
+    try:
+        backend = make_backend(kind, path, limits)
+    except Exception as e:  # noqa: BLE001 - sent to the parent, which raises it
+        conn.send(("error", e))
+        return
+    conn.send(("ready", backend.context_length))
+    while True:
+        try:
+            requests = conn.recv()
+        except EOFError:  # the parent closed the pipe or died
+            return
+        try:
+            conn.send(("ok", backend.generate(requests)))
+        except Exception as e:  # noqa: BLE001 - one failed batch fails its callers, not the child
+            conn.send(("error", e))
+
+
+class EngineProcess:
+    """`make_backend(kind, path, limits)` run in a spawned child process; one batch at a time."""
+
+    def __init__(self, kind: str, path: str, limits: LimitsConfig) -> None:
+        # spawn, not fork: the parent runs Ray's and uvicorn's threads, which a fork would copy
+        # in whatever state they hold.
+        ctx = multiprocessing.get_context("spawn")
+        self._conn, child_end = ctx.Pipe()
+        self._proc = ctx.Process(target=_child, args=(child_end, kind, path, limits),
+                                 name=f"engine-{kind}", daemon=True)
+        self._proc.start()
+        child_end.close()  # the child's end lives in the child only: its exit gives us EOF
+        self._lock = threading.Lock()
+        self.context_length: int = self._receive()
+
+    def _exited(self) -> RuntimeError:
+        self._proc.join(timeout=5)
+        return RuntimeError(f"the engine process exited (exit code {self._proc.exitcode}); its "
+                            "error, if it printed one, is in this replica's log")
+
+    def _receive(self):
+        try:
+            status, payload = self._conn.recv()
+        except EOFError:
+            raise self._exited() from None
+        if status == "error":
+            raise payload
+        return payload
+
+    def generate(self, requests: list[GenRequest]) -> list[GenResult | ApiError]:
+        with self._lock:  # one batch in flight: the pipe carries one batch and its answer
+            try:
+                self._conn.send(requests)
+            except (BrokenPipeError, ConnectionResetError):
+                raise self._exited() from None
+            return self._receive()
+
+    def alive(self) -> bool:
+        return self._proc.is_alive()
+
+    def close(self) -> None:
+        self._conn.close()
+        self._proc.join(timeout=10)
+        if self._proc.is_alive():
+            self._proc.kill()

@@ -1,0 +1,88 @@
+"""serve/engine_process.py: the hf backend in a child process answers exactly as in-process, carries
+per-request errors and load errors back to the replica, and a dead child fails health checks
+instead of hanging the replica. No Ray: ModelEngine is the class the Serve deployments wrap."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+import sys
+from pathlib import Path
+
+import pytest
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # serve/ from a source checkout
+    sys.path.insert(0, str(ROOT))
+
+from nsft_ray.config import WorldConfig  # noqa: E402
+from nsft_ray.models import build_tiny_vlm  # noqa: E402
+from nsft_ray.world import corpus, render, sample_scene  # noqa: E402
+from serve.app import ModelEngine  # noqa: E402
+from serve.backends import GenRequest, HFBackend, Sampling  # noqa: E402
+from serve.config import LimitsConfig  # noqa: E402
+from serve.engine_process import EngineProcess  # noqa: E402
+
+LIMITS = LimitsConfig(max_context=64)
+
+
+def _request(seed: int, question: str) -> GenRequest:
+    image = render(sample_scene(random.Random(seed), WorldConfig()))
+    return GenRequest([{"role": "user", "content": [{"type": "image"},
+                                                   {"type": "text", "text": question}]}],
+                      [image], Sampling(max_new_tokens=8))
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> str:
+    path = tmp_path_factory.mktemp("engine_process") / "tiny"
+    return str(build_tiny_vlm(path, corpus(WorldConfig(), n=300, seed=0)))
+
+
+def test_child_answers_as_the_in_process_backend(model_dir):
+    """Fails if the child builds another backend or limits, loses a request's order, or turns a
+    per-request 400 into a failed batch."""
+    requests = [_request(0, "Describe the picture."), _request(1, "How many stars are there?"),
+                _request(2, "word " * 80)]  # the last is over max_context: a 400 for it alone
+    here = HFBackend(model_dir, LIMITS)
+    engine = EngineProcess("hf", model_dir, LIMITS)
+    try:
+        assert engine.context_length == here.context_length == 64
+        there, expected = engine.generate(requests), here.generate(requests)
+        assert [r.choices for r in there[:2]] == [r.choices for r in expected[:2]]
+        assert [r.prompt_tokens for r in there[:2]] == [r.prompt_tokens for r in expected[:2]]
+        assert there[2].status == 400 and there[2].code == "context_length_exceeded"
+        assert engine.generate(requests[1:2])[0].choices == expected[1].choices  # it goes on
+    finally:
+        engine.close()
+    assert not engine.alive()  # close() ends the child: the pipe's EOF is its signal
+
+
+def test_load_error_is_raised_in_the_replica():
+    """Fails if the child's error is lost (the replica would hang or report a bare EOF)."""
+    with pytest.raises(FileNotFoundError, match="/nonexistent/model"):
+        EngineProcess("hf", "/nonexistent/model", LIMITS)
+
+
+def test_dead_child_fails_requests_and_health_check(model_dir):
+    """Fails if a killed engine hangs its callers, or if the replica still reports healthy (Ray
+    Serve would keep routing to a replica that cannot generate)."""
+    engine = ModelEngine("hf", model_dir, LIMITS, max_batch_size=2, batch_wait_timeout_s=0.0)
+    assert isinstance(engine.backend, EngineProcess)
+    engine.check_health()
+    engine.backend._proc.kill()
+    engine.backend._proc.join(timeout=10)
+    with pytest.raises(RuntimeError, match="engine process exited"):
+        asyncio.run(engine.generate(_request(0, "Describe the picture.")))
+    with pytest.raises(RuntimeError, match="engine process exited"):
+        engine.check_health()
+
+
+def test_vllm_and_opt_out_keep_the_backend_in_the_replica(model_dir):
+    """engine_process=false (and the vllm backend, whose engine core has a process of its own)
+    generate in the replica's process."""
+    engine = ModelEngine("hf", model_dir, LIMITS, 2, 0.0, engine_process=False)
+    assert isinstance(engine.backend, HFBackend)
+    engine.check_health()  # nothing to watch
