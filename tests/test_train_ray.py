@@ -198,6 +198,36 @@ def test_startup_breakdown_by_hand():
     assert _startup(100.0, 110.0, [first], [{"step": 1}]) is None
 
 
+def test_first_batch_early_yields_every_item_once_in_order():
+    """The worker's early start of epoch 0 (fetched while the model loads): fails if an item is
+    lost, repeated or reordered, if the fetch runs in the caller's thread (no overlap), or if the
+    stream's error does not reach the training thread."""
+    import threading
+
+    from nsft_ray.ray_glue.train import FirstBatchEarly
+
+    threads = []
+
+    def items(n: int, fail_at: int | None = None):
+        threads.append(threading.current_thread().name)
+        for i in range(n):
+            if i == fail_at:
+                raise OSError("block read failed")
+            yield i
+
+    early = FirstBatchEarly(items(5))
+    assert list(early.batches()) == [0, 1, 2, 3, 4]
+    assert threads == ["first-batch"]  # the stream started in the background thread
+    assert early.batches() is None  # once: a second epoch 0 reads a fresh stream
+    assert list(FirstBatchEarly(items(0)).batches()) == []
+    with pytest.raises(OSError, match="block read failed"):
+        FirstBatchEarly(items(3, fail_at=0)).batches()
+    later = FirstBatchEarly(items(3, fail_at=2)).batches()
+    assert [next(later), next(later)] == [0, 1]
+    with pytest.raises(OSError, match="block read failed"):
+        next(later)
+
+
 def test_the_worker_hook_quiets_the_cleaners_logger_by_its_real_name():
     """The setup hook names the placement-group cleaner's logger without importing its module;
     fails if Ray renames or moves the module (the per-second warnings would be back)."""

@@ -18,11 +18,14 @@ Run folder::
 from __future__ import annotations
 
 import copy
+import itertools
 import json
 import math
 import os
 import tempfile
+import threading
 import time
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import ray
@@ -130,18 +133,7 @@ def train(cfg: Config, algo: str) -> dict:
     started = time.time()
     save_config(cfg, run_dir)
     ensure_ray(cfg.resources.address)
-    check_memory(algo, cfg)  # a run that cannot fit fails here, in seconds
-    ds, counts = build_train_dataset(cfg, algo)
-    rows = ds.count()
-    if rows == 0:
-        dropped = (f"{counts['quarantined']} quarantined, see {run_dir / 'quarantine'}; "
-                   if counts else "")
-        raise ValueError(f"train.data: no rows to train {algo} on ({dropped}after the origin "
-                         "filter)")
-    if algo == "dpo" and cfg.dpo.precompute_ref:  # reference log-probs first: 1 model in training
-        from nsft_ray.ray_glue.dpo import with_reference_logps
-
-        ds = with_reference_logps(ds, cfg, run_dir)  # checks that every row comes back once
+    ds, counts, rows = _prepare(cfg, algo, run_dir)
     per_step = cfg.train.micro_batch_size * cfg.train.grad_accum * cfg.resources.num_workers
     total_steps = cfg.train.max_steps or max(1, math.floor(cfg.train.epochs * rows / per_step))
 
@@ -200,6 +192,25 @@ def train(cfg: Config, algo: str) -> dict:
             batch_size=cfg.reward.eval_batch_size, device="cuda" if on_gpus(res) else "cpu"))
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
+
+
+def _prepare(cfg: Config, algo: str, run_dir: Path,
+             ) -> tuple[ray.data.Dataset, QuarantineCounts | None, int]:
+    """The memory check, then the validated training rows (with the reference log-probs for
+    dpo.precompute_ref) and their counts; raises when nothing is left to train on."""
+    check_memory(algo, cfg)  # a run that cannot fit fails here, in seconds
+    ds, counts = build_train_dataset(cfg, algo)
+    rows = ds.count()
+    if rows == 0:
+        dropped = (f"{counts['quarantined']} quarantined, see {run_dir / 'quarantine'}; "
+                   if counts else "")
+        raise ValueError(f"train.data: no rows to train {algo} on ({dropped}after the origin "
+                         "filter)")
+    if algo == "dpo" and cfg.dpo.precompute_ref:  # reference log-probs first: 1 model in training
+        from nsft_ray.ray_glue.dpo import with_reference_logps
+
+        ds = with_reference_logps(ds, cfg, run_dir)  # checks that every row comes back once
+    return ds, counts, rows
 
 
 def _startup(started: float, fit_start: float, workers: list[dict],
@@ -287,6 +298,36 @@ class NumpyCollate(NumpyBatchCollateFn):
         return self.collate(batch)
 
 
+class FirstBatchEarly:
+    """An iterator whose first item is fetched in a background thread from construction on;
+    `batches()` then yields that item and the rest, once (None on a second call). The first
+    item of a Ray Data shard costs its stream's start (the split coordinator actor, the first
+    blocks read and formatted): about 1.5 s on the tiny configs, most of it waiting on other
+    processes, so it overlaps model loading well."""
+
+    def __init__(self, items: Iterable) -> None:
+        self._it, self._first, self._error = iter(items), [], None
+        self._thread = threading.Thread(target=self._fetch, name="first-batch", daemon=True)
+        self._thread.start()
+
+    def _fetch(self) -> None:
+        try:
+            self._first.append(next(self._it))
+        except StopIteration:
+            pass
+        except BaseException as e:  # noqa: BLE001 - raised in the training thread by batches()
+            self._error = e
+
+    def batches(self) -> Iterator | None:
+        if self._thread is None:
+            return None
+        self._thread.join()
+        self._thread = None
+        if self._error is not None:
+            raise self._error
+        return itertools.chain(self._first, self._it)
+
+
 def train_loop_per_worker(config: dict) -> None:
     """Runs on every Ray Train worker."""
     entered = time.time()  # the start-up breakdown in summary.json starts here
@@ -301,6 +342,18 @@ def train_loop_per_worker(config: dict) -> None:
 
     spec = ALGORITHMS[algo]
     runtime = current_memory_bytes(device)  # torch, Ray and the data stack, before any model
+    shard = ray.train.get_dataset_shard("train")  # (1) this worker's stream of rows
+
+    def raw_batches(epoch: int) -> Iterable[dict]:
+        shuffle = {"local_shuffle_buffer_size": 8 * cfg.train.micro_batch_size,
+                   "local_shuffle_seed": cfg.run.seed * 1000 + epoch} if cfg.train.shuffle else {}
+        return shard.iter_batches(batch_size=cfg.train.micro_batch_size, batch_format="numpy",
+                                  drop_last=True, **shuffle)
+
+    # A fresh start reads epoch 0 from the beginning: start that stream now, so that starting
+    # the split and reading the first blocks overlap loading the model instead of following it.
+    early = (FirstBatchEarly(raw_batches(0))
+             if not cfg.train.prefetch_collate and ray.train.get_checkpoint() is None else None)
     model, processor = spec.load(cfg)
     model.to(device)
     loaded = time.time()
@@ -316,20 +369,20 @@ def train_loop_per_worker(config: dict) -> None:
             state = TrainState(**engine.load(Path(d))["train_state"])
     _record_worker(run_dir, rank, state.step, runtime, startup)
 
-    shard = ray.train.get_dataset_shard("train")  # (1) this worker's stream of rows
     collate = spec.collate(processor, cfg)
 
     def epochs(epoch: int):
-        shuffle = {"local_shuffle_buffer_size": 8 * cfg.train.micro_batch_size,
-                   "local_shuffle_seed": cfg.run.seed * 1000 + epoch} if cfg.train.shuffle else {}
         if cfg.train.prefetch_collate:  # collated in Ray Data's iterator thread
+            shuffle = ({"local_shuffle_buffer_size": 8 * cfg.train.micro_batch_size,
+                        "local_shuffle_seed": cfg.run.seed * 1000 + epoch}
+                       if cfg.train.shuffle else {})
             return shard.iter_torch_batches(batch_size=cfg.train.micro_batch_size,
                                             collate_fn=NumpyCollate(collate), drop_last=True,
                                             **shuffle)
         # Collated here, on the training thread: the same batches (Ray Data's thread still
         # fetches, shuffles and formats them), without two threads contending for the GIL.
-        return map(collate, shard.iter_batches(batch_size=cfg.train.micro_batch_size,
-                                               batch_format="numpy", drop_last=True, **shuffle))
+        started = early.batches() if early is not None and epoch == 0 else None
+        return map(collate, started if started is not None else raw_batches(epoch))
 
     writer = MetricsWriter(run_dir) if rank == 0 else None
     bar = step_bar(algo, total_steps, state.step, show=rank == 0)
