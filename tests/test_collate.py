@@ -208,3 +208,76 @@ def test_encode_prompt_is_left_padded_and_ends_in_assistant_header(processor):
     assert ids[1, 0] == pad and mask[1, 0] == 0 and mask[:, -1].tolist() == [1, 1]
     header = processor.tokenizer.encode("<|im_start|>assistant\n", add_special_tokens=False)
     assert ids[:, -len(header):].tolist() == [header, header]
+
+
+# --- length-grouped micro-batches (train.group_by_length) -------------------------------------
+
+
+def _column_batches(lengths: list[int], size: int) -> list[dict]:
+    """Conversation column batches as Ray Data's numpy iter_batches gives them: row k's answer
+    has lengths[k] characters; ids and origins ride along to check the columns stay aligned."""
+    import numpy as np
+
+    batches = []
+    for start in range(0, len(lengths), size):
+        ks = range(start, min(start + size, len(lengths)))
+        msgs = np.empty(len(ks), dtype=object)
+        # Each row's messages as Ray Data gives a list<struct> column: a numpy object array.
+        msgs[:] = [np.array([{"role": "user", "content": "q"},
+                             {"role": "assistant", "content": "a" * lengths[k]}]) for k in ks]
+        batches.append({"id": np.array([f"r{k}" for k in ks], dtype=object), "messages": msgs,
+                        "origin": np.array(["negative" if k % 2 else "chosen" for k in ks],
+                                           dtype=object),
+                        "weight": np.array([float(k) for k in ks])})
+    return batches
+
+
+def test_group_by_length_sorts_each_window_and_keeps_every_row_once():
+    """Fails if a row is lost or repeated, if columns are sliced apart (an id with another row's
+    messages), if a window is not sorted into micro-batches of neighbouring lengths, or if the
+    same seed does not give the same batches (a resumed run skips batches by count)."""
+    from nsft_ray.collate import group_by_length, text_length
+
+    lengths = [1, 10, 2, 9, 50, 5, 40, 6, 3, 30, 4, 20]  # 6 micro-batches of 2
+    out = list(group_by_length(_column_batches(lengths, 2), window=4, seed=0))
+    assert all(len(b["id"]) == 2 for b in out) and len(out) == 6
+    ids = [i for b in out for i in b["id"]]
+    assert sorted(ids) == sorted(f"r{k}" for k in range(12))  # every row once
+    for b in out:  # columns aligned: id rK holds row K's answer, origin and weight
+        for j, i in enumerate(b["id"]):
+            k = int(i[1:])
+            assert len(b["messages"][j][1]["content"]) == lengths[k]
+            assert b["origin"][j] == ("negative" if k % 2 else "chosen")
+            assert b["weight"][j] == float(k) and b["weight"].dtype.kind == "f"
+    # Window 1 = micro-batches 0-3 (rows 0-7): sorted lengths 1 2 5 6 | 9 10 40 50, cut in
+    # pairs; window 2 = rows 8-11: 3 4 | 20 30. Hand-computed, in any order within a window.
+    pairs = [sorted(text_length(b, j) - 1 for j in range(2)) for b in out]  # minus the "q"
+    assert sorted(map(tuple, pairs[:4])) == [(1, 2), (5, 6), (9, 10), (40, 50)]
+    assert sorted(map(tuple, pairs[4:])) == [(3, 4), (20, 30)]
+    again = list(group_by_length(_column_batches(lengths, 2), window=4, seed=0))
+    assert [list(b["id"]) for b in again] == [list(b["id"]) for b in out]
+    orders = {tuple(i for b in group_by_length(_column_batches(lengths, 2), 4, seed)
+                    for i in b["id"]) for seed in range(6)}
+    assert len(orders) > 1  # the order of the micro-batches is shuffled by the seed
+
+
+def test_group_by_length_cuts_padding_and_reads_preference_rows():
+    """The point of it: the padded length summed over batches falls. By hand (each row + 1 for
+    the question): pairs (51,2) (41,3) (31,4) (21,5) pad to 2 x (51+41+31+21) = 288; grouped,
+    (2,3) (4,5) (21,31) (41,51) pad to 2 x (3+5+31+51) = 180. Preference rows are measured by
+    prompt, chosen and rejected."""
+    import numpy as np
+
+    from nsft_ray.collate import group_by_length, text_length
+
+    lengths = [50, 1, 40, 2, 30, 3, 20, 4]
+    padded = lambda bs: sum(max(text_length(b, j) for j in range(len(b["id"]))) * len(b["id"])  # noqa: E731
+                            for b in bs)
+    plain = _column_batches(lengths, 2)
+    assert (padded(plain), padded(list(group_by_length(plain, window=4, seed=1)))) == (288, 180)
+    pref = {"id": np.array(["a", "b"], dtype=object), "prompt": np.array(["pp", "p"], dtype=object),
+            "chosen": np.array(["ccc", "c"], dtype=object),
+            "rejected": np.array(["r", "rrrr"], dtype=object)}
+    assert [text_length(pref, 0), text_length(pref, 1)] == [6, 6]
+    with pytest.raises(ValueError, match="window=0"):
+        list(group_by_length(plain, window=0, seed=0))

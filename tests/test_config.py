@@ -124,3 +124,13 @@ def test_fixed_choices_are_checked_when_the_config_loads(override, fragment):
     """A typo in a fixed choice fails at load time, naming the key, not inside a Ray worker."""
     with pytest.raises(ConfigError, match=re.escape(fragment)):
         load_config(None, [override])
+
+
+def test_group_by_length_is_a_window_and_needs_collation_on_the_training_thread():
+    """Fails if a negative window passes, or if grouping is accepted with prefetch_collate, where
+    Ray Data collates each batch before the worker could regroup its rows."""
+    assert load_config(None, ["train.group_by_length=16"]).train.group_by_length == 16
+    with pytest.raises(ConfigError, match="train.group_by_length=-1"):
+        load_config(None, ["train.group_by_length=-1"])
+    with pytest.raises(ConfigError, match="prefetch_collate=false"):
+        load_config(None, ["train.group_by_length=4", "train.prefetch_collate=true"])

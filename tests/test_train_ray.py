@@ -239,14 +239,16 @@ def test_the_worker_hook_quiets_the_cleaners_logger_by_its_real_name():
 
 
 def test_nsft_kl_with_a_frozen_tower_on_zero2(ray_local, assets):
-    """nSFT with the KL term, vision tower and connector frozen (their features cached), ZeRO-2:
-    two models resident, a KL that is 0 at the start and positive once the policy moved, and
-    the frozen parts unchanged in the export while the rest trained."""
+    """nSFT with the KL term, vision tower and connector frozen (their features cached), ZeRO-2,
+    length-grouped micro-batches: two models resident, a KL that is 0 at the start and positive
+    once the policy moved, and the frozen parts unchanged in the export while the rest
+    trained."""
     from nsft_ray.ray_glue.train import train
 
     cfg = _cfg(assets, "nsft_kl", f"train.data=[{assets / 'nsft.parquet'}]",
                "deepspeed.stage=2", "train.max_steps=2", "nsft.kl_coef=0.1",
-               "model.freeze=[vision,connector]", "train.micro_batch_size=2")
+               "model.freeze=[vision,connector]", "train.micro_batch_size=2",
+               "train.group_by_length=4")  # the worker's grouping path, end to end
     summary = train(cfg, "nsft")
     assert summary["models_resident"] == 2 and summary["deepspeed_stage"] == 2
     _check_memory_split(summary["memory"], assets / "base", frozen=("vision", "connector"))

@@ -344,11 +344,13 @@ def train_loop_per_worker(config: dict) -> None:
     runtime = current_memory_bytes(device)  # torch, Ray and the data stack, before any model
     shard = ray.train.get_dataset_shard("train")  # (1) this worker's stream of rows
 
+    def shuffle(epoch: int) -> dict:
+        return ({"local_shuffle_buffer_size": 8 * cfg.train.micro_batch_size,
+                 "local_shuffle_seed": cfg.run.seed * 1000 + epoch} if cfg.train.shuffle else {})
+
     def raw_batches(epoch: int) -> Iterable[dict]:
-        shuffle = {"local_shuffle_buffer_size": 8 * cfg.train.micro_batch_size,
-                   "local_shuffle_seed": cfg.run.seed * 1000 + epoch} if cfg.train.shuffle else {}
         return shard.iter_batches(batch_size=cfg.train.micro_batch_size, batch_format="numpy",
-                                  drop_last=True, **shuffle)
+                                  drop_last=True, **shuffle(epoch))
 
     # A fresh start reads epoch 0 from the beginning: start that stream now, so that starting
     # the split and reading the first blocks overlap loading the model instead of following it.
@@ -373,16 +375,18 @@ def train_loop_per_worker(config: dict) -> None:
 
     def epochs(epoch: int):
         if cfg.train.prefetch_collate:  # collated in Ray Data's iterator thread
-            shuffle = ({"local_shuffle_buffer_size": 8 * cfg.train.micro_batch_size,
-                        "local_shuffle_seed": cfg.run.seed * 1000 + epoch}
-                       if cfg.train.shuffle else {})
             return shard.iter_torch_batches(batch_size=cfg.train.micro_batch_size,
                                             collate_fn=NumpyCollate(collate), drop_last=True,
-                                            **shuffle)
+                                            **shuffle(epoch))
         # Collated here, on the training thread: the same batches (Ray Data's thread still
         # fetches, shuffles and formats them), without two threads contending for the GIL.
         started = early.batches() if early is not None and epoch == 0 else None
-        return map(collate, started if started is not None else raw_batches(epoch))
+        rows = started if started is not None else raw_batches(epoch)
+        if cfg.train.group_by_length:
+            from nsft_ray.collate import group_by_length  # transformers: only where it trains
+
+            rows = group_by_length(rows, cfg.train.group_by_length, cfg.run.seed * 1000 + epoch)
+        return map(collate, rows)
 
     writer = MetricsWriter(run_dir) if rank == 0 else None
     bar = step_bar(algo, total_steps, state.step, show=rank == 0)
