@@ -80,7 +80,7 @@ def test_fresh_head_is_seeded_and_saved_model_reloads(tiny, tmp_path):
                 torch.testing.assert_close(got, want)
     # A saved value model is also a starting point: its head comes back, not a fresh one.
     resumed, _ = load_reward_model(Config(model=ModelConfig(name_or_path=str(tmp_path / "a"))))
-    assert float(resumed.value_head.proj.bias) == 0.5
+    assert float(resumed.value_head.proj.bias.detach()) == 0.5
     with pytest.raises(KeyError, match="expected base"):
         save_reward_model(model, processor, tmp_path / "c", {"head.w": torch.zeros(1)})
 
