@@ -158,6 +158,7 @@ def _start_serve(model_dir: str, model: str, backend: str, batch: int, threads: 
     import ray
     from ray import serve
 
+    from nsft_ray.ray_glue.runtime import ray_log_dir
     from serve.app import use_latency_settings
 
     if not ray.is_initialized():
@@ -168,7 +169,11 @@ def _start_serve(model_dir: str, model: str, backend: str, batch: int, threads: 
         # The settings `nsft-ray serve` uses; among them the replicas' priority, which equals the
         # in-process side's (the driver's) only with this.
         use_latency_settings()
-        ray.init(num_cpus=4, include_dashboard=False)
+        # The replicas' logs (an access-log line per request) stay in Ray's log folder instead
+        # of being printed here: thousands of lines per run, and printed by a thread of this
+        # process, the load generator's, on the cores the server needs.
+        ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+        print(f"Ray's logs (the replicas' included): {ray_log_dir()}", flush=True)
     port = _free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     base = (model_dir, model, backend, batch, threads, port, via_proxy)
