@@ -279,6 +279,9 @@ def run_quick(model_dir: str, *, backend: str = "hf", batch: int = 8, requests: 
     while the in-process side, whose next batch is always ready, measures capacity."""
     import torch
 
+    if url and versus:
+        raise ValueError("versus: a second app is served only by a Serve started here; drop "
+                         "--url or --versus")
     clients = clients or 2 * batch
     previous = torch.get_num_threads()
     local = InProcess(model_dir, backend, threads)

@@ -344,9 +344,12 @@ def train_loop_per_worker(config: dict) -> None:
     runtime = current_memory_bytes(device)  # torch, Ray and the data stack, before any model
     shard = ray.train.get_dataset_shard("train")  # (1) this worker's stream of rows
 
+    def epoch_seed(epoch: int) -> int:  # the local shuffle's and the length grouping's
+        return cfg.run.seed * 1000 + epoch
+
     def shuffle(epoch: int) -> dict:
         return ({"local_shuffle_buffer_size": 8 * cfg.train.micro_batch_size,
-                 "local_shuffle_seed": cfg.run.seed * 1000 + epoch} if cfg.train.shuffle else {})
+                 "local_shuffle_seed": epoch_seed(epoch)} if cfg.train.shuffle else {})
 
     def raw_batches(epoch: int) -> Iterable[dict]:
         return shard.iter_batches(batch_size=cfg.train.micro_batch_size, batch_format="numpy",
@@ -385,7 +388,7 @@ def train_loop_per_worker(config: dict) -> None:
         if cfg.train.group_by_length:
             from nsft_ray.collate import group_by_length  # transformers: only where it trains
 
-            rows = group_by_length(rows, cfg.train.group_by_length, cfg.run.seed * 1000 + epoch)
+            rows = group_by_length(rows, cfg.train.group_by_length, epoch_seed(epoch))
         return map(collate, rows)
 
     writer = MetricsWriter(run_dir) if rank == 0 else None
