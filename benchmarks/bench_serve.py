@@ -20,7 +20,9 @@ http) at batch 1. The JSON's `ratios.serve_http_vs_in_process` (2 x --batch clie
 always queued, as the in-process side always has its next batch ready),
 `ratios.serve_http_vs_in_process_closed_loop` (--batch clients: the model idles for each round
 trip) and `p50_overhead_ms_batch1` are taken between the medians. `outputs_agree`: every round
-returned the in-process side's greedy texts.
+returned the in-process side's greedy texts. `stream`: one client's streamed requests ("stream":
+true) with 64 new tokens, the time to the first text chunk against the time to the whole answer,
+and whether the streamed text equals the whole answer's.
 """
 
 from __future__ import annotations
@@ -43,7 +45,8 @@ import httpx  # noqa: E402
 
 from benchmarks.load_test import make_payloads, percentile  # noqa: E402
 
-__all__ = ["InProcess", "bench_in_process", "bench_http", "run_bench", "run_quick", "main"]
+__all__ = ["InProcess", "bench_in_process", "bench_http", "bench_stream", "run_bench", "run_quick",
+           "main"]
 
 MODEL = "bench"
 
@@ -140,6 +143,36 @@ def bench_http(url: str, model: str, batch: int, requests: int, max_tokens: int,
             http.close()
     summary = _summary("http (Ray Serve)", batch, [lat for lat, _ in done], elapsed)
     return {**summary, "clients": clients, "texts": sorted({text for _, text in done})}
+
+
+def bench_stream(url: str, model: str, requests: int, max_tokens: int) -> dict:
+    """One client's streamed requests, one at a time: the time to the first text chunk and to
+    [DONE], the text chunks per answer, and the streamed text against a non-streamed answer."""
+    good = json.loads(make_payloads(model, max_tokens)[0])
+    endpoint = url.rstrip("/") + "/v1/chat/completions"
+    first, whole, pieces, texts = [], [], [], set()
+    with httpx.Client(timeout=120.0) as http:
+        answer = http.post(endpoint, json=good).json()["choices"][0]["message"]["content"]
+        for _ in range(requests + 1):  # the first warms the path
+            t0, t_first, text, n = time.perf_counter(), None, "", 0
+            with http.stream("POST", endpoint, json={**good, "stream": True}) as r:
+                r.raise_for_status()
+                for line in r.iter_lines():
+                    if not line.startswith("data: {"):
+                        continue
+                    for choice in json.loads(line[len("data: "):])["choices"]:
+                        piece = choice["delta"].get("content")
+                        if piece:
+                            t_first, text, n = t_first or time.perf_counter(), text + piece, n + 1
+            first.append((t_first or time.perf_counter()) - t0)
+            whole.append(time.perf_counter() - t0)
+            pieces.append(n)
+            texts.add(text)
+    return {"requests": requests, "max_tokens": max_tokens,
+            "first_text_p50_ms": round(1000 * percentile(first[1:], 50), 1),
+            "whole_p50_ms": round(1000 * percentile(whole[1:], 50), 1),
+            "text_pieces_per_answer": statistics.median(pieces[1:]),
+            "text_equal": texts == {answer}}
 
 
 def _free_port() -> int:
@@ -271,8 +304,8 @@ def run_quick(model_dir: str, *, backend: str = "hf", batch: int = 8, requests: 
               requests_batch1: int = 16, max_tokens: int = 16, threads: int = 1,
               repeats: int = 5, url: str = "", model: str = MODEL, clients: int = 0,
               overrides: tuple[str, ...] = (), via_proxy: bool = False,
-              versus: tuple[str, ...] = ()) -> dict:
-    """`repeats` interleaved repeats of `_quick_rounds`; one Serve app for all (and a second,
+              versus: tuple[str, ...] = (), stream_max_tokens: int = 64) -> dict:
+    """`repeats` interleaved repeats of `_quick_rounds`, then `bench_stream`; one Serve app for all (and a second,
     "versus", with the `versus` overrides, measured in the same repeats). Ratios and overheads
     are taken between the medians. `clients` defaults to 2 x `batch`: a closed-loop client
     waits for its answer, so with only `batch` of them the model idles for every round trip,
@@ -302,6 +335,7 @@ def run_quick(model_dir: str, *, backend: str = "hf", batch: int = 8, requests: 
                 raw.setdefault((mode, b, c), []).append(
                     bench_in_process(local, b, n, max_tokens, warmup=0) if mode == "in-process"
                     else bench_http(urls[mode], model, b, n, max_tokens, warmup=0, clients=c))
+        streamed = bench_stream(urls["http"], model, requests_batch1, stream_max_tokens)
     finally:
         torch.set_num_threads(previous)
         if started:
@@ -309,6 +343,7 @@ def run_quick(model_dir: str, *, backend: str = "hf", batch: int = 8, requests: 
     report = _quick_report(raw, batch, clients, model_dir=model_dir, backend=backend,
                            max_tokens=max_tokens, threads=threads, repeats=repeats,
                            serve_overrides=list(overrides), endpoint=endpoint)
+    report["stream"] = streamed
     if versus:
         report["versus"] = _versus_report(raw, batch, clients, versus)
     return report
@@ -362,6 +397,12 @@ def print_table(report: dict) -> None:
     if report.get("quick"):
         print(f"medians of {report['repeats']} interleaved repeats; p50 overhead at batch 1: "
               f"{report['p50_overhead_ms_batch1']} ms")
+    if "stream" in report:
+        st = report["stream"]
+        print(f"streamed ({st['max_tokens']} tokens, 1 client): first text at "
+              f"{st['first_text_p50_ms']} ms, whole answer at {st['whole_p50_ms']} ms (p50), "
+              f"{st['text_pieces_per_answer']} pieces per answer; equals the whole answer: "
+              f"{st['text_equal']}")
     if "versus" in report:
         v = report["versus"]
         print(f"versus ({' '.join(v['overrides'])}): {v['requests_per_s']} req/s, "

@@ -18,6 +18,9 @@ What both backends share, written once:
 - stopping: the tokenizer's eos and any the checkpoint lists end an answer, which is cut after
   its first eos (`cut_after_eos`); stop strings cut the text before the earliest one
   (`apply_stop`); greedy answers asked for n times are computed once;
+- streaming (transformers): `HFGenerator.complete(..., listeners=...)` hands each listened chat's
+  text to a callback as it is generated, in pieces whose concatenation is the returned text
+  (`TextStream`);
 - padding: `pad_token_id`, the pad token or else eos;
 - vLLM's engine settings on CPU and GPU (`vllm_engine_args`, `VLLM_CPU_ENV`).
 
@@ -27,7 +30,9 @@ Neither ray nor vllm is imported here at module level: vllm loads when a VLLMGen
 from __future__ import annotations
 
 import itertools
+import logging
 import os
+import re
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,6 +52,7 @@ if TYPE_CHECKING:
 __all__ = [
     "Sampling",
     "Completion",
+    "TextStream",
     "HFGenerator",
     "VLLMGenerator",
     "VLLM_CPU_ENV",
@@ -68,6 +74,7 @@ __all__ = [
     "vllm_engine_args",
 ]
 
+log = logging.getLogger(__name__)
 Chat = list[dict]  # [{"role", "content": str | [{"type": "text", "text"} | {"type": "image"}]}]
 # vllm-cpu reserves 4 GiB of KV cache by default; 1 GiB fits the project's machines
 # (shared/ENVIRONMENT.md). Set before vllm is imported; a value already set wins.
@@ -239,6 +246,88 @@ def apply_stop(text: str, stops: Sequence[str]) -> tuple[str, bool]:
     return (text[: min(cuts)], True) if cuts else (text, False)
 
 
+class TextStream:
+    """One answer's text while it is generated: `push` each new token id, get the text that can
+    be sent now. The pieces concatenate to the Completion's text (the same decode, eos cut and
+    stop strings) because text is held back while it may still change:
+
+    - the last word: a character whose bytes span several tokens decodes to U+FFFD until its
+      last byte arrives, and a tokenizer's clean-up may join a word to what follows (" ." -> ".");
+    - a tail that may begin a stop string (the stop string itself is never sent).
+
+    An answer is final at its first eos or stop string: the rest is sent then, and later tokens
+    (a batch generates until its longest answer ends) are ignored.
+    """
+
+    def __init__(self, tokenizer: Any, eos_ids: Collection[int], stops: Sequence[str]) -> None:
+        self.tokenizer, self.eos_ids, self.stops = tokenizer, set(eos_ids), tuple(stops)
+        self.ids: list[int] = []
+        self.sent = ""  # what was handed out so far
+        self.done = False
+
+    def push(self, token_id: int) -> str:
+        """The text that became safe to send with this token ("" if none)."""
+        if self.done:
+            return ""
+        self.ids.append(token_id)
+        text, stopped = apply_stop(
+            self.tokenizer.decode(self.ids, skip_special_tokens=True), self.stops)
+        self.done = stopped or token_id in self.eos_ids
+        return self._advance(text if self.done else text[:self._stable(text)])
+
+    def finish(self, text: str) -> str:
+        """The rest of the answer whose final text is `text`."""
+        self.done = True
+        if not text.startswith(self.sent):
+            log.warning("a streamed answer's sent text %r is not a prefix of its final text %r "
+                        "(the tokenizer changed held-back text); the rest is not sent",
+                        self.sent, text)
+        return self._advance(text)
+
+    def _stable(self, text: str) -> int:
+        """How much of `text` later tokens cannot change: up to its last whitespace, and before
+        any tail that begins a stop string."""
+        end = len(text)
+        for stop in self.stops:
+            for k in range(min(len(stop) - 1, end), 0, -1):
+                if text.endswith(stop[:k]):
+                    end = min(end, len(text) - k)
+                    break
+        last_space = re.search(r"\s\S*\Z", text[:end])
+        return last_space.start() if last_space else 0
+
+    def _advance(self, text: str) -> str:
+        if len(text) <= len(self.sent) or not text.startswith(self.sent):
+            # Held back text changed anyway (a tokenizer this rule does not cover): what was sent
+            # cannot be taken back, so the rest is not sent rather than sent wrong.
+            return ""
+        piece, self.sent = text[len(self.sent):], text
+        return piece
+
+
+class _BatchStreamer:
+    """transformers' streamer interface (`generate` calls `put` with the prompt ids, then with
+    each step's (B,) new tokens, and `end`), fanning tokens out to one TextStream per row."""
+
+    def __init__(self, streams: Mapping[int, TextStream],
+                 send: Callable[[int, str], None]) -> None:
+        self.streams, self.send = streams, send
+        self.prompt_seen = False
+
+    def put(self, value: Tensor) -> None:
+        if not self.prompt_seen:  # the first call carries the prompts
+            self.prompt_seen = True
+            return
+        tokens = value.reshape(-1).tolist()
+        for row, stream in self.streams.items():
+            piece = stream.push(tokens[row])
+            if piece:
+                self.send(row, piece)
+
+    def end(self) -> None:
+        pass
+
+
 def _repeat_greedy(rows: list[list[Completion]], s: Sampling) -> list[list[Completion]]:
     # Greedy answers to one prompt are all equal: one was computed, the caller asked for n.
     return [row * (s.n // len(row)) for row in rows]
@@ -282,9 +371,11 @@ class HFGenerator:
         if self.tokenizer.pad_token_id is None:  # a padded batch needs one; eos stands in
             self.tokenizer.pad_token_id = self.pad_id
 
-    def token_ids(self, inputs: dict[str, Tensor], s: Sampling) -> list[list[int]]:
+    def token_ids(self, inputs: dict[str, Tensor], s: Sampling,
+                  streamer: Any = None) -> list[list[int]]:
         """New token ids for encoded, left-padded prompts (`encode_chats`): (B * k) rows, prompt
-        i's k answers consecutive (k = n when sampling, else 1), each cut after its first eos."""
+        i's k answers consecutive (k = n when sampling, else 1), each cut after its first eos.
+        `streamer`: transformers' streamer interface, handed each step's tokens."""
         import torch
 
         from nsft_ray.models import to_model_inputs
@@ -297,17 +388,38 @@ class HFGenerator:
         if self.features is not None:
             enc = self.features.attach(self.model, enc)
         with torch.no_grad():
-            out = self.model.generate(**enc, generation_config=config)  # (B * k, P + T_new)
+            out = self.model.generate(**enc, generation_config=config,
+                                      streamer=streamer)  # (B * k, P + T_new)
         return [cut_after_eos(r, self.eos_ids) for r in out[:, prompt_length:].tolist()]
 
     def complete(self, chats: Sequence[Chat], images: Sequence[Sequence[Image.Image]] | None,
-                 s: Sampling) -> list[list[Completion]]:
-        """`s.n` completions per chat, generated as one left-padded batch."""
+                 s: Sampling, listeners: Mapping[int, Callable[[int, str], None]] | None = None,
+                 ) -> list[list[Completion]]:
+        """`s.n` completions per chat, generated as one left-padded batch.
+
+        `listeners`: {chat index: callback(choice index, text piece)}; each listened chat's
+        answers are handed out while they are generated (`TextStream`), every piece before this
+        returns.
+        """
         if not chats:
             return []
-        rows = self.token_ids(encode_chats(self.processor, chats, images), s)
         k = 1 if s.greedy else s.n
+        streams = {i * k + j: TextStream(self.tokenizer, self.eos_ids, s.stop)
+                   for i in (listeners or {}) for j in range(k)}
+
+        def send(row: int, piece: str) -> None:
+            chat, choice = divmod(row, k)
+            # Greedy: one row stands for all n equal choices.
+            for c in range(s.n) if s.greedy else (choice,):
+                listeners[chat](c, piece)
+
+        streamer = _BatchStreamer(streams, send) if streams else None
+        rows = self.token_ids(encode_chats(self.processor, chats, images), s, streamer)
         completions = [self._completion(ids, s.stop) for ids in rows]
+        for row, stream in streams.items():
+            piece = stream.finish(completions[row].text)
+            if piece:
+                send(row, piece)
         return _repeat_greedy([completions[i * k:(i + 1) * k] for i in range(len(chats))], s)
 
     def _completion(self, ids: list[int], stops: Sequence[str]) -> Completion:

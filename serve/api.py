@@ -4,8 +4,11 @@
 
 Routes: POST /v1/chat/completions, GET /v1/models, GET /health, GET / (the playground page).
 The app validates and decodes everything (JSON, types, limits, base64 images) before a request
-reaches an engine; an engine is anything with `async generate(GenRequest) -> GenResult | ApiError`:
-a LocalEngine in-process (tests, benchmarks) or a Ray Serve deployment handle (serve/app.py).
+reaches an engine; an engine is anything with `async generate(GenRequest) -> GenResult | ApiError`
+and `stream(GenRequest)`, an async iterator of (choice, text piece)s while the answer is generated,
+then the GenResult or ApiError: a LocalEngine in-process (tests, benchmarks), the batching engine
+of a Ray Serve replica, or a handle to one (serve/app.py). `"stream": true` sends each piece as an
+SSE chunk as it arrives.
 """
 
 from __future__ import annotations
@@ -18,11 +21,11 @@ import io
 import json
 import logging
 import os
-import re
 import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
@@ -33,6 +36,7 @@ from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from serve.backends import Backend, GenRequest, GenResult, Sampling, make_backend
+from serve.batching import stream
 from serve.config import LimitsConfig, ServeConfig
 from serve.schemas import (
     ApiError,
@@ -61,6 +65,8 @@ PLAYGROUND = Path(__file__).parent / "static" / "index.html"
 class Engine(Protocol):
     async def generate(self, request: GenRequest) -> GenResult | ApiError: ...
 
+    def stream(self, request: GenRequest) -> AsyncIterator: ...
+
 
 class LocalEngine:
     """A backend in this process; one generate() at a time (the model is not shared by threads)."""
@@ -72,9 +78,22 @@ class LocalEngine:
     async def generate(self, request: GenRequest) -> GenResult | ApiError:
         return await asyncio.to_thread(self._one, request)
 
-    def _one(self, request: GenRequest) -> GenResult | ApiError:
+    async def stream(self, request: GenRequest) -> AsyncIterator:
+        """(choice, text piece)s while `request` generates, then its result."""
+        loop = asyncio.get_running_loop()
+
+        def start(on_text):
+            def emit(_: int, choice: int, piece: str) -> None:  # on the generating thread
+                loop.call_soon_threadsafe(on_text, choice, piece)
+
+            return asyncio.to_thread(self._one, request, emit)
+
+        async for item in stream(start):
+            yield item
+
+    def _one(self, request: GenRequest, on_text=None) -> GenResult | ApiError:
         with self._lock:
-            return self.backend.generate([request])[0]
+            return self.backend.generate([request], on_text)[0]
 
 
 def resolve_token(env_name: str) -> str | None:
@@ -183,7 +202,7 @@ def to_gen_request(req: ChatRequest, limits: LimitsConfig) -> GenRequest:
         messages.append({"role": m.role, "content": parts})
     sampling = Sampling(max_new_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p,
                         n=req.n, seed=req.seed, stop=tuple(req.stop or ()))
-    return GenRequest(messages=messages, images=images, sampling=sampling)
+    return GenRequest(messages=messages, images=images, sampling=sampling, stream=req.stream)
 
 
 async def _read_body(request: Request, limit: int) -> bytes:
@@ -210,11 +229,6 @@ _HTTP_CODES = {401: "unauthorized", 404: "not_found", 405: "method_not_allowed"}
 
 def _sse(obj: object) -> str:
     return f"data: {json.dumps(obj)}\n\n"
-
-
-def _pieces(text: str) -> list[str]:
-    """Word-sized stream pieces whose concatenation is exactly `text`."""
-    return re.findall(r"\s*\S+|\s+", text)
 
 
 def create_app(
@@ -249,19 +263,22 @@ def create_app(
         if req.model not in engines:
             raise ApiError(404, f"model {req.model!r} is not served here; available: "
                            f"{', '.join(names)}", "model", "model_not_found")
-        result = await engines[req.model].generate(to_gen_request(req, limits))
-        if isinstance(result, ApiError):
-            raise result
+        gen_request = to_gen_request(req, limits)
         rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
-        usage = {"prompt_tokens": result.prompt_tokens,
-                 "completion_tokens": result.completion_tokens,
-                 "total_tokens": result.prompt_tokens + result.completion_tokens}
         if not req.stream:
+            result = await engines[req.model].generate(gen_request)
+            if isinstance(result, ApiError):
+                raise result
             return JSONResponse(completion_body(rid, created, req.model, result.choices,
                                                 result.prompt_tokens, result.completion_tokens))
+        items = engines[req.model].stream(gen_request)
+        # The first piece (or the result) before the headers: a refused request is still a 4xx.
+        first = await anext(items)
+        if isinstance(first, ApiError):
+            raise first
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
         return StreamingResponse(
-            _events(rid, created, req.model, result.choices, usage if include_usage else None),
+            _events(_Chunks(rid, created, req.model), req.n, first, items, include_usage),
             media_type="text/event-stream")
 
     return app
@@ -301,18 +318,50 @@ def _auth_check(token: str | None):
     return check_auth
 
 
-async def _events(rid: str, created: int, model: str, choices, usage: dict | None
-                  ) -> AsyncIterator[str]:
-    """OpenAI's SSE framing of finished answers. The answer is complete before the first chunk:
-    batching in the model replica and vllm.LLM give whole answers, so this is not token-level
-    latency."""
-    for i, (text, reason) in enumerate(choices):
-        yield _sse(chunk_body(rid, created, model, i, {"role": "assistant", "content": ""}))
-        for piece in _pieces(text):
-            yield _sse(chunk_body(rid, created, model, i, {"content": piece}))
-        yield _sse(chunk_body(rid, created, model, i, {}, reason))
-    if usage is not None:
-        yield _sse(chunk_body(rid, created, model, None, usage=usage))
+@dataclass(frozen=True)
+class _Chunks:
+    """One response's SSE chunks (OpenAI's chat.completion.chunk)."""
+
+    rid: str
+    created: int
+    model: str
+
+    def __call__(self, index: int | None, delta: dict | None = None,
+                 finish_reason: str | None = None, usage: dict | None = None) -> str:
+        return _sse(chunk_body(self.rid, self.created, self.model, index, delta, finish_reason,
+                               usage))
+
+
+async def _events(chunk: _Chunks, n: int, first: object, items: AsyncIterator,
+                  include_usage: bool) -> AsyncIterator[str]:
+    """OpenAI's SSE framing of an answer as it is generated: a role chunk per choice, a chunk
+    per text piece as the engine hands it out, then each choice's finish reason, the usage if
+    asked, [DONE]. Text an engine did not stream (vLLM's whole answers) follows its last piece."""
+    for i in range(n):
+        yield chunk(i, {"role": "assistant", "content": ""})
+    sent = [""] * n
+    item = first
+    try:
+        while isinstance(item, tuple):
+            choice, piece = item
+            sent[choice] += piece
+            yield chunk(choice, {"content": piece})
+            item = await anext(items)
+    except Exception as e:  # headers are gone: the error travels as an event, OpenAI's way
+        log.exception("a streamed request failed")
+        item = ApiError(500, f"internal error: {type(e).__name__}", None, None, "server_error")
+    if isinstance(item, ApiError):
+        yield _sse(error_body(item))
+        yield "data: [DONE]\n\n"
+        return
+    for i, (text, reason) in enumerate(item.choices):
+        if text.startswith(sent[i]) and len(text) > len(sent[i]):
+            yield chunk(i, {"content": text[len(sent[i]):]})
+        yield chunk(i, {}, reason)
+    if include_usage:
+        yield chunk(None, usage={"prompt_tokens": item.prompt_tokens,
+                                 "completion_tokens": item.completion_tokens,
+                                 "total_tokens": item.prompt_tokens + item.completion_tokens})
     yield "data: [DONE]\n\n"
 
 

@@ -20,6 +20,7 @@ import os
 import signal
 import sys
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 from ray import serve
@@ -29,7 +30,7 @@ from ray.serve.handle import DeploymentHandle
 from nsft_ray.config import ConfigError
 from serve.api import create_app, resolve_token
 from serve.backends import GenRequest, GenResult, make_backend
-from serve.batching import Batcher
+from serve.batching import Batcher, stream
 from serve.config import LimitsConfig, ReplicaConfig, ServeConfig, load_serve_config
 from serve.engine_process import EngineProcess
 from serve.schemas import ApiError
@@ -57,6 +58,11 @@ class ModelEngine:
     async def generate(self, request: GenRequest) -> GenResult | ApiError:
         return await self.batcher.submit(request)
 
+    async def stream(self, request: GenRequest) -> AsyncIterator:
+        """(choice, text piece)s while `request` (stream=True) generates, then its result."""
+        async for item in stream(lambda on_text: self.batcher.submit(request, on_text)):
+            yield item
+
     def check_health(self) -> None:
         """Ray Serve calls this periodically; raising makes it replace the replica."""
         if isinstance(self.backend, EngineProcess) and not self.backend.alive():
@@ -76,6 +82,11 @@ class HandleEngine:
 
     async def generate(self, request: GenRequest) -> GenResult | ApiError:
         return await self.handle.generate.remote(request)
+
+    async def stream(self, request: GenRequest) -> AsyncIterator:
+        # A streaming handle call: the replica's async generator yields across the hop.
+        async for item in self.handle.options(stream=True).stream.remote(request):
+            yield item
 
 
 @serve.deployment

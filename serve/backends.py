@@ -7,6 +7,11 @@ and vLLM's CPU/GPU settings live there); this file adds serving's rules:
   same sampling settings run as one left-padded batch (a seeded request alone).
 - vllm: generation.VLLMGenerator with multimodal prompts; each request keeps its own sampling.
 
+`generate(requests, on_text)` hands the text of each request that asked to `stream` to
+`on_text(request index, choice index, piece)` while it is generated (hf; vllm's whole answers come
+at the end, see VLLMBackend), every piece before it returns; the pieces of a choice concatenate
+to its final text.
+
 Both count prompt tokens with the model's processor and refuse a request whose prompt + max_tokens
 exceeds the context length with a 400 for that request only: one bad request never fails its
 batch. torch, transformers and vllm are imported only when a backend is built.
@@ -14,6 +19,7 @@ batch. torch, transformers and vllm are imported only when a backend is built.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -28,6 +34,7 @@ __all__ = [
     "Sampling",
     "GenRequest",
     "GenResult",
+    "OnText",
     "Backend",
     "HFBackend",
     "VLLMBackend",
@@ -44,6 +51,7 @@ class GenRequest:
     messages: list[dict]  # {"role", "content": [{"type": "text", "text"} | {"type": "image"}]}
     images: list[Image.Image]
     sampling: Sampling
+    stream: bool = False  # hand the text out while it is generated (`on_text`)
 
 
 @dataclass
@@ -53,10 +61,14 @@ class GenResult:
     completion_tokens: int  # over all choices, end-of-turn token included
 
 
+OnText = Callable[[int, int, str], None]  # (request index, choice index, text piece)
+
+
 class Backend(Protocol):
     context_length: int  # prompt + completion tokens one request may use
 
-    def generate(self, requests: list[GenRequest]) -> list[GenResult | ApiError]: ...
+    def generate(self, requests: list[GenRequest],
+                 on_text: OnText | None = None) -> list[GenResult | ApiError]: ...
 
 
 def _context_length(config: Any, max_context: int) -> int:
@@ -110,6 +122,10 @@ def _result(completions: list[Completion], n_prompt: int) -> GenResult:
                      sum(len(c.token_ids) for c in completions))
 
 
+def _listener(on_text: OnText, request: int) -> Callable[[int, str], None]:
+    return lambda choice, piece: on_text(request, choice, piece)
+
+
 class HFBackend:
     """generation.HFGenerator on one model; same-settings requests share a batch."""
 
@@ -122,7 +138,8 @@ class HFBackend:
         self.prompts = _Prompts(self.processor)
         self.context_length = _context_length(model.config, limits.max_context)
 
-    def generate(self, requests: list[GenRequest]) -> list[GenResult | ApiError]:
+    def generate(self, requests: list[GenRequest],
+                 on_text: OnText | None = None) -> list[GenResult | ApiError]:
         ok, errors = self.prompts.prepare(requests, self.context_length)
         results: list[GenResult | ApiError | None] = [errors.get(i) for i in range(len(requests))]
         groups: dict[tuple, list[tuple[int, int]]] = {}
@@ -132,15 +149,22 @@ class HFBackend:
             key = (bool(r.images), r.sampling, i if r.sampling.seed is not None else -1)
             groups.setdefault(key, []).append((i, n_prompt))
         for (_, sampling, _), members in groups.items():
+            listeners = {} if on_text is None else {
+                k: _listener(on_text, i) for k, (i, _) in enumerate(members)
+                if requests[i].stream}
             out = self.gen.complete([requests[i].messages for i, _ in members],
-                                    [requests[i].images for i, _ in members], sampling)
+                                    [requests[i].images for i, _ in members], sampling,
+                                    listeners)
             for (i, n_prompt), completions in zip(members, out, strict=True):
                 results[i] = _result(completions, n_prompt)
         return results  # type: ignore[return-value]
 
 
 class VLLMBackend:
-    """generation.VLLMGenerator on one model folder; every request keeps its own sampling."""
+    """generation.VLLMGenerator on one model folder; every request keeps its own sampling.
+
+    vllm.LLM returns whole answers: a streaming request gets its text in one piece at the end.
+    """
 
     def __init__(self, path: str, limits: LimitsConfig) -> None:
         from transformers import AutoConfig
@@ -153,7 +177,9 @@ class VLLMBackend:
         self.prompts = _Prompts(self.gen.processor)
         self.context_length = context_length
 
-    def generate(self, requests: list[GenRequest]) -> list[GenResult | ApiError]:
+    def generate(self, requests: list[GenRequest],
+                 on_text: OnText | None = None) -> list[GenResult | ApiError]:
+        # on_text is not called: the caller sends a streaming request's text at the end.
         ok, errors = self.prompts.prepare(requests, self.context_length)
         results: list[GenResult | ApiError | None] = [errors.get(i) for i in range(len(requests))]
         if not ok:

@@ -2,6 +2,8 @@
 
     batcher = Batcher(backend.generate, max_batch_size=8, wait_s=0.02)
     result = await batcher.submit(request)   # from many coroutines at once
+    async for item in stream(lambda on_text: batcher.submit(request, on_text)):
+        ...                                  # (choice, text piece)s, then the result
 
 Why not Ray Serve's @serve.batch: with max_concurrent_batches=1 it keeps forming batches while the
 previous one runs (each closes `batch_wait_timeout_s` after its first arrival and then waits for
@@ -16,23 +18,43 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["Batcher"]
+__all__ = ["Batcher", "stream"]
+
+OnPiece = Callable[[int, str], None]  # (choice index, text piece), called on the event loop
 
 
 @dataclass
 class _Pending:
     item: Any
     future: asyncio.Future
+    on_text: OnPiece | None = None
     arrived: float = field(default_factory=time.monotonic)
+
+
+async def stream(start: Callable[[OnPiece], Awaitable[Any]]) -> AsyncIterator[Any]:
+    """The pieces `start(on_text)` hands to `on_text` while it runs, as (choice, piece) tuples,
+    then its result (an exception it raises is raised here after the pieces)."""
+    pieces: asyncio.Queue = asyncio.Queue()
+    task = asyncio.ensure_future(start(lambda choice, piece: pieces.put_nowait((choice, piece))))
+    # Pieces are queued (on this loop) before the result is set, so None comes last.
+    task.add_done_callback(lambda _: pieces.put_nowait(None))
+    while (piece := await pieces.get()) is not None:
+        yield piece
+    yield task.result()
 
 
 class Batcher:
     """Calls `fn(items) -> results` (one result per item, same order) in a worker thread, one batch
-    at a time, on batches of up to `max_batch_size` submitted items."""
+    at a time, on batches of up to `max_batch_size` submitted items.
+
+    When a caller of the batch listens for text (`submit(item, on_text)`), the call is
+    `fn(items, emit)` and `fn` calls `emit(item index, choice, piece)` from its thread; each piece
+    reaches its caller's `on_text` on the event loop, before the result.
+    """
 
     def __init__(self, fn: Callable[[list], list], max_batch_size: int, wait_s: float) -> None:
         if max_batch_size < 1 or wait_s < 0:
@@ -46,13 +68,13 @@ class Batcher:
         self._worker: asyncio.Task | None = None
         self.batch_sizes: list[int] = []  # every batch's size, for tests and diagnostics
 
-    async def submit(self, item: Any) -> Any:
+    async def submit(self, item: Any, on_text: OnPiece | None = None) -> Any:
         """`fn`'s result for `item`, computed in some batch; `fn`'s exception if it raised."""
         if self._worker is None or self._worker.done():
             # Created on first use: the event loop is the caller's (a replica's user-code loop).
             self._arrived = asyncio.Event()
             self._worker = asyncio.get_running_loop().create_task(self._run())
-        pending = _Pending(item, asyncio.get_running_loop().create_future())
+        pending = _Pending(item, asyncio.get_running_loop().create_future(), on_text)
         self._queue.append(pending)
         self._arrived.set()
         return await pending.future
@@ -93,7 +115,10 @@ class Batcher:
         self.batch_sizes.append(len(batch))
         try:
             # A worker thread keeps the event loop free to queue the next batch meanwhile.
-            results = await asyncio.to_thread(self.fn, [p.item for p in batch])
+            args: list[Any] = [[p.item for p in batch]]
+            if any(p.on_text for p in batch):
+                args.append(_emitter(batch, asyncio.get_running_loop()))
+            results = await asyncio.to_thread(self.fn, *args)
             if len(results) != len(batch):
                 raise RuntimeError(f"batch function returned {len(results)} results for "
                                    f"{len(batch)} items")
@@ -105,3 +130,16 @@ class Batcher:
         for p, r in zip(batch, results, strict=True):
             if not p.future.done():
                 p.future.set_result(r)
+
+
+def _emitter(batch: list[_Pending], loop: asyncio.AbstractEventLoop
+             ) -> Callable[[int, int, str], None]:
+    """emit(item index, choice, piece) for `fn`'s thread: the piece goes to that item's caller on
+    the loop (call_soon_threadsafe keeps the order: pieces, then the batch's results)."""
+
+    def emit(index: int, choice: int, piece: str) -> None:
+        on_text = batch[index].on_text
+        if on_text is not None:
+            loop.call_soon_threadsafe(on_text, choice, piece)
+
+    return emit

@@ -9,7 +9,8 @@ each request handled during a batch lengthens that batch. With the model in a ch
 parent's thread waits on a pipe (GIL released) and handles requests on another core while the
 child generates. vLLM's API server splits off its engine core for the same reason. Requests and
 results cross the pipe pickled (a decoded PIL image, a few strings); the child exits when the
-pipe closes, so it cannot outlive a replica that is killed.
+pipe closes, so it cannot outlive a replica that is killed. A streaming request's text pieces
+cross the pipe as they are generated, ahead of the batch's results.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import multiprocessing
 import threading
 from multiprocessing.connection import Connection
 
-from serve.backends import GenRequest, GenResult, make_backend
+from serve.backends import GenRequest, GenResult, OnText, make_backend
 from serve.config import LimitsConfig
 from serve.schemas import ApiError
 
@@ -27,7 +28,8 @@ __all__ = ["EngineProcess"]
 
 def _child(conn: Connection, kind: str, path: str, limits: LimitsConfig) -> None:
     """The child's loop: build the backend, report ("ready", context_length) or ("error", e),
-    then answer each list of requests with ("ok", results) or ("error", e) until EOF."""
+    then answer each list of requests with ("text", (request, choice, piece)) messages for the
+    streaming ones and ("ok", results) or ("error", e), until EOF."""
     try:
         backend = make_backend(kind, path, limits)
     except Exception as e:  # noqa: BLE001 - sent to the parent, which raises it
@@ -39,8 +41,12 @@ def _child(conn: Connection, kind: str, path: str, limits: LimitsConfig) -> None
             requests = conn.recv()
         except EOFError:  # the parent closed the pipe or died
             return
+        def send_text(request: int, choice: int, piece: str) -> None:
+            conn.send(("text", (request, choice, piece)))
+
         try:
-            conn.send(("ok", backend.generate(requests)))
+            on_text = send_text if any(r.stream for r in requests) else None
+            conn.send(("ok", backend.generate(requests, on_text)))
         except Exception as e:  # noqa: BLE001 - one failed batch fails its callers, not the child
             conn.send(("error", e))
 
@@ -65,22 +71,27 @@ class EngineProcess:
         return RuntimeError(f"the engine process exited (exit code {self._proc.exitcode}); its "
                             "error, if it printed one, is in this replica's log")
 
-    def _receive(self):
-        try:
-            status, payload = self._conn.recv()
-        except EOFError:
-            raise self._exited() from None
-        if status == "error":
-            raise payload
-        return payload
+    def _receive(self, on_text: OnText | None = None):
+        while True:
+            try:
+                status, payload = self._conn.recv()
+            except EOFError:
+                raise self._exited() from None
+            if status == "error":
+                raise payload
+            if status != "text":
+                return payload
+            if on_text is not None:
+                on_text(*payload)
 
-    def generate(self, requests: list[GenRequest]) -> list[GenResult | ApiError]:
+    def generate(self, requests: list[GenRequest],
+                 on_text: OnText | None = None) -> list[GenResult | ApiError]:
         with self._lock:  # one batch in flight: the pipe carries one batch and its answer
             try:
                 self._conn.send(requests)
             except (BrokenPipeError, ConnectionResetError):
                 raise self._exited() from None
-            return self._receive()
+            return self._receive(on_text)
 
     def alive(self) -> bool:
         return self._proc.is_alive()

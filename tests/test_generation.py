@@ -24,6 +24,7 @@ from nsft_ray.generation import (  # noqa: E402
     VLLM_CPU_ENV,
     HFGenerator,
     Sampling,
+    TextStream,
     VLLMGenerator,
     adds_special_tokens,
     apply_stop,
@@ -196,6 +197,91 @@ def test_seeded_sampling_repeats_and_greedy_n_is_repeated(tiny):
     assert gen.complete(chats, ims, s) == gen.complete(chats, ims, s)
     [greedy] = gen.complete(chats, ims, Sampling(max_new_tokens=5, n=3))
     assert len(greedy) == 3 and greedy[0] == greedy[1] == greedy[2]
+
+
+# --------------------------------------------------------------------------------- streaming
+
+
+def test_text_stream_sends_only_final_text_on_random_token_ids(tiny):
+    """400 random id sequences (byte pieces of multi-byte characters, special tokens, spaces),
+    random stop strings and eos positions. Oracle: the whole sequence decoded at once, cut after
+    eos and before the earliest stop (the non-streamed answer). Fails if a piece is sent that
+    later text changes (a half character, a word the decoder re-spaces), a stop string or its
+    beginning leaks, text is sent twice, or an answer ended by eos or a stop string is not
+    complete when it ends."""
+    _, _, processor, _ = tiny
+    tok = processor.tokenizer
+    eos = eos_token_ids(tok)
+    rng = random.Random(0)
+    vocab = len(tok)
+    for case in range(400):
+        ids = [rng.randrange(vocab) for _ in range(rng.randint(1, 30))]
+        if case % 3 == 0:
+            ids.insert(rng.randrange(len(ids)), eos[0])
+        whole = tok.decode(cut_after_eos(ids, eos), skip_special_tokens=True)
+        start = rng.randrange(len(whole) + 1)
+        stops = (whole[start:start + rng.randint(1, 4)],) if case % 2 and whole[start:] else ()
+        expected, stopped = apply_stop(whole, stops)
+        stream, sent = TextStream(tok, eos, stops), ""
+        for token in ids:
+            sent += stream.push(token)
+            assert expected.startswith(sent), (case, ids, stops)
+        ended = stopped or eos[0] in ids
+        assert stream.done == ended and (sent == expected or not ended), (case, ids, stops)
+        sent += stream.finish(expected)
+        assert sent == expected and stream.push(ids[0]) == ""
+
+
+def test_text_stream_holds_back_a_stop_string_that_spans_words(tiny):
+    """Corpus sentences token by token, each stopped at three of its own words: fails if the
+    words a stop string begins with are sent before the stop string is complete (the last-word
+    rule alone sends "... and" of "and a blue")."""
+    _, _, processor, _ = tiny
+    tok = processor.tokenizer
+    rng = random.Random(1)
+    checked = 0
+    for sentence in corpus(WorldConfig(), n=60, seed=3):
+        words = sentence.split()
+        if len(words) < 5:
+            continue
+        k = rng.randrange(1, len(words) - 3)
+        stop = " ".join(words[k:k + 3])
+        expected = apply_stop(sentence, (stop,))[0]
+        stream, sent = TextStream(tok, eos_token_ids(tok), (stop,)), ""
+        for token in tok.encode(sentence, add_special_tokens=False):
+            sent += stream.push(token)
+            assert expected.startswith(sent), (sentence, stop, sent)
+        assert stream.done and sent == expected
+        checked += 1
+    assert checked >= 30
+
+
+def test_streamed_pieces_arrive_during_generation_and_equal_the_answers(tiny):
+    """A listened chat's pieces, per choice, concatenate to the returned text; the first arrives
+    while the model still has forward passes to run; an unlistened chat gets none. Fails if
+    streaming is the whole answer sent after generate (the first piece would follow the last
+    forward), if a greedy row's pieces miss a repeated choice, or sampled rows mix choices."""
+    _, model, processor, images = tiny
+    gen = HFGenerator(model, processor)
+    chats = [user_turn(im, PROMPTS[0]) for im in images]
+    forwards: list[int] = []
+    hook = model.register_forward_hook(lambda *_: forwards.append(1))
+    try:
+        got: dict[int, str] = {}
+        first_at: list[int] = []
+
+        def listen(choice: int, piece: str) -> None:
+            first_at.append(len(forwards))
+            got[choice] = got.get(choice, "") + piece
+
+        for s in (Sampling(max_new_tokens=48, n=2),
+                  Sampling(max_new_tokens=48, temperature=1.0, n=2, seed=5)):
+            got.clear(), first_at.clear(), forwards.clear()
+            [out, _] = gen.complete(chats, [[im] for im in images], s, listeners={0: listen})
+            assert got == {0: out[0].text, 1: out[1].text}
+            assert first_at[0] < len(forwards) - 1, (first_at, len(forwards))
+    finally:
+        hook.remove()
 
 
 def test_special_tokens_are_added_once():

@@ -140,6 +140,45 @@ def test_stream_is_openai_chunks_ending_in_done(client, image_uri):
     assert chunks[-1]["choices"] == [] and chunks[-1]["usage"] == whole["usage"]
 
 
+def _streamed(client, body: dict) -> tuple[list[str], list[str | None], int]:
+    """A streamed request's text and finish reason per choice, and its number of text chunks."""
+    r = client.post("/v1/chat/completions", json={**body, "stream": True})
+    assert r.status_code == 200, r.text
+    events = [e[len("data: "):] for e in r.text.split("\n\n") if e]
+    assert events[-1] == "[DONE]"
+    chunks = [json.loads(e) for e in events[:-1]]
+    n = body.get("n", 1)
+    texts, reasons, pieces = [""] * n, [None] * n, 0
+    for c in chunks:
+        for choice in c["choices"]:
+            piece = choice["delta"].get("content")
+            texts[choice["index"]] += piece or ""
+            pieces += bool(piece)
+            reasons[choice["index"]] = choice["finish_reason"] or reasons[choice["index"]]
+    return texts, reasons, pieces
+
+
+def test_streamed_choices_equal_the_whole_answers(client, image_uri):
+    """Sampled n=2 with a seed, greedy n=2, a stop string and a longer answer: each choice's
+    streamed text equals the non-streamed answer. Fails if pieces go to the wrong choice, a held
+    back tail or the rest after a stop string is lost or sent twice, or a stop string leaks."""
+    whole = client.post("/v1/chat/completions", json=chat(uri=image_uri, max_tokens=40)).json()
+    answer = whole["choices"][0]["message"]["content"]
+    stop = answer[len(answer) // 2:][:3]  # found in the answer, so it cuts it
+    bodies = [chat(uri=image_uri, n=2, temperature=1.0, seed=7, max_tokens=24),
+              chat(uri=image_uri, n=2, max_tokens=24), chat(uri=image_uri, max_tokens=40),
+              chat(uri=image_uri, max_tokens=40, stop=[stop])]
+    pieces = 0
+    for body in bodies:
+        expected = client.post("/v1/chat/completions", json=body).json()["choices"]
+        texts, reasons, count = _streamed(client, body)
+        assert texts == [c["message"]["content"] for c in expected], body
+        assert reasons == [c["finish_reason"] for c in expected], body
+        pieces += count
+    assert stop not in texts[0] and len(texts[0]) < len(answer)
+    assert pieces > len(bodies) + 2  # answers came in several pieces, not whole
+
+
 def test_seeded_sampling_is_reproducible_and_n_choices(client, image_uri):
     body = chat(uri=image_uri, temperature=1.0, n=3, seed=7)
     a = client.post("/v1/chat/completions", json=body).json()
@@ -312,16 +351,27 @@ def test_bearer_token_auth(models, monkeypatch, image_uri):
 
 
 def test_engine_errors_become_5xx_json_not_a_crash(image_uri):
+    """Fails if an engine's exception crashes the server or, once a stream has begun, cuts it
+    without OpenAI's error event."""
+
     class Broken:
         context_length = 100
 
-        def generate(self, requests):
+        def generate(self, requests, on_text=None):
+            if on_text is not None and requests[0].stream:  # fails after its first piece
+                on_text(0, 0, "Half")
             raise RuntimeError("boom")
 
     client = TestClient(create_app({"x": LocalEngine(Broken())}, LimitsConfig()),
                         raise_server_exceptions=False)
     r = client.post("/v1/chat/completions", json=chat("x", image_uri))
     assert r.status_code == 500 and r.json()["error"]["type"] == "server_error"
+    r = client.post("/v1/chat/completions", json=chat("x", image_uri, stream=True))
+    assert r.status_code == 200  # the first piece left before the failure
+    events = [e[len("data: "):] for e in r.text.split("\n\n") if e]
+    assert json.loads(events[1])["choices"][0]["delta"] == {"content": "Half"}
+    assert json.loads(events[2])["error"]["type"] == "server_error"
+    assert events[-1] == "[DONE]"
 
 
 # --- configuration ----------------------------------------------------------------------------

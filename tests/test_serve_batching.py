@@ -14,7 +14,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # serve/ from a source checkout
     sys.path.insert(0, str(ROOT))
 
-from serve.batching import Batcher  # noqa: E402
+from serve.batching import Batcher, stream  # noqa: E402
 
 
 def _slow_double(seconds: float):
@@ -95,6 +95,37 @@ def test_wrong_result_count_is_an_error_not_a_silent_mismatch():
         return await asyncio.gather(batcher.submit(1), batcher.submit(2), return_exceptions=True)
 
     assert all(isinstance(e, RuntimeError) for e in asyncio.run(main()))
+
+
+def test_text_pieces_reach_their_own_caller_before_its_result():
+    """Three callers in one batch, two listening: fails if a piece goes to another caller, arrives
+    after the result or out of order, or if the batch function is asked to stream for a batch
+    in which no caller listens."""
+    calls = []
+
+    def fn(items: list[int], emit=None) -> list[int]:
+        calls.append(emit is not None)
+        if emit is not None:
+            for k in range(3):
+                for index, item in enumerate(items):
+                    emit(index, k % 2, f"{item}.{k} ")
+                time.sleep(0.01)
+        return [10 * i for i in items]
+
+    batcher = Batcher(fn, max_batch_size=8, wait_s=1.0)
+
+    async def listen(item: int) -> list:
+        return [x async for x in stream(lambda on_text: batcher.submit(item, on_text))]
+
+    async def main():
+        # Three callers answered: the batcher then waits (wait_s) for three again.
+        await asyncio.gather(*(batcher.submit(0) for _ in range(3)))
+        return await asyncio.gather(listen(1), batcher.submit(2), listen(3))
+
+    one, two, three = asyncio.run(main())
+    assert one == [(0, "1.0 "), (1, "1.1 "), (0, "1.2 "), 10]
+    assert two == 20 and three == [(0, "3.0 "), (1, "3.1 "), (0, "3.2 "), 30]
+    assert batcher.batch_sizes == [3, 3] and calls == [False, True]
 
 
 def test_bad_settings_are_refused():

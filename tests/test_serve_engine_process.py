@@ -60,6 +60,25 @@ def test_child_answers_as_the_in_process_backend(model_dir):
     assert not engine.alive()  # close() ends the child: the pipe's EOF is its signal
 
 
+def test_streamed_pieces_cross_the_pipe_as_in_process(model_dir):
+    """A batch with one streaming request: the child hands the replica the same pieces, for the
+    same request, as the in-process backend. Fails if pieces are dropped, sent for a request that
+    did not ask, or mistaken for the batch's results."""
+    requests = [_request(0, "Describe the picture."), _request(1, "How many stars are there?")]
+    requests[1].stream = True
+    requests[1].sampling = Sampling(max_new_tokens=32)
+    here, there = [], []
+    expected = HFBackend(model_dir, LIMITS).generate(requests, lambda *p: here.append(p))
+    engine = EngineProcess("hf", model_dir, LIMITS)
+    try:
+        got = engine.generate(requests, lambda *p: there.append(p))
+    finally:
+        engine.close()
+    assert [r.choices for r in got] == [r.choices for r in expected]
+    assert there == here and {i for i, _, _ in here} == {1}
+    assert "".join(p for _, _, p in here) == expected[1].choices[0][0]
+
+
 def test_load_error_is_raised_in_the_replica():
     """Fails if the child's error is lost (the replica would hang or report a bare EOF)."""
     with pytest.raises(FileNotFoundError, match="/nonexistent/model"):

@@ -5,6 +5,7 @@ serving benchmark, and the vLLM backend through the same route."""
 from __future__ import annotations
 
 import base64
+import json
 import os
 import random
 import socket
@@ -155,7 +156,7 @@ def test_bench_serve_quick_reports_ratio_overhead_and_agreement(server, model_di
     from benchmarks.bench_serve import run_quick
 
     report = run_quick(model_dir, batch=2, requests=4, requests_batch1=2, max_tokens=4,
-                       repeats=1, url=server, model="base")
+                       repeats=1, url=server, model="base", stream_max_tokens=24)
     assert [(r["mode"], r["batch"], r.get("clients")) for r in report["results"]] == [
         ("in-process", 2, None), ("http (Ray Serve)", 2, 4), ("http (Ray Serve)", 2, 2),
         ("in-process", 1, None), ("http (Ray Serve)", 1, 1)]
@@ -166,6 +167,9 @@ def test_bench_serve_quick_reports_ratio_overhead_and_agreement(server, model_di
     assert all(v > 0 for v in report["ratios"].values())
     assert isinstance(report["p50_overhead_ms_batch1"], float)
     assert report["outputs_agree"] is True
+    streamed = report["stream"]  # fails if the streamed text differs from the whole answer
+    assert streamed["text_equal"] is True and streamed["max_tokens"] == 24
+    assert 0 < streamed["first_text_p50_ms"] <= streamed["whole_p50_ms"]
 
 
 def test_gateway_layout_answers_as_the_direct_one(server, model_dir):
@@ -187,8 +191,15 @@ def test_gateway_layout_answers_as_the_direct_one(server, model_dir):
             direct, gateway = (httpx.post(f"{server}{prefix}/v1/chat/completions", json=body,
                                           timeout=120) for prefix in ("", "/gw"))
             assert direct.status_code == gateway.status_code == 200, gateway.text
-            assert (gateway.json()["choices"][0]["message"]["content"]
-                    == direct.json()["choices"][0]["message"]["content"])
+            answer = direct.json()["choices"][0]["message"]["content"]
+            assert gateway.json()["choices"][0]["message"]["content"] == answer
+        # Streaming crosses the gateway -> model hop as a streaming handle call.
+        streamed = httpx.post(f"{server}/gw/v1/chat/completions", json={**body, "stream": True},
+                              timeout=120)
+        events = [e[len("data: "):] for e in streamed.text.split("\n\n") if e]
+        assert events[-1] == "[DONE]", streamed.text
+        assert "".join(choice["delta"].get("content") or ""
+                       for e in events[:-1] for choice in json.loads(e)["choices"]) == answer
     finally:
         serve.delete("gateway")
 
