@@ -28,6 +28,7 @@ and whether the streamed text equals the whole answer's.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import os
 import socket
@@ -63,7 +64,7 @@ def _summary(mode: str, batch: int, latencies: list[float], elapsed: float) -> d
 class InProcess:
     """The backend loaded in this process with `threads` torch threads, as a replica runs it."""
 
-    def __init__(self, model_dir: str, backend: str, threads: int) -> None:
+    def __init__(self, model_dir: str, backend: str, threads: int, batch: int = 0) -> None:
         import torch
 
         from serve.backends import make_backend
@@ -72,18 +73,36 @@ class InProcess:
         # The replica gets `threads` CPUs and as many torch threads: the same compute here.
         torch.set_num_threads(threads)
         self.limits = LimitsConfig()
-        self.engine = make_backend(backend, model_dir, self.limits)
+        self.engine = make_backend(backend, model_dir, self.limits, batch)
+        # vLLM's AsyncLLM keeps a task on the loop of its first call: one loop for every call.
+        self.loop = asyncio.new_event_loop() if backend == "vllm" else None
 
     def generate(self, body: bytes, batch: int) -> list[str]:
         """`batch` copies of the JSON `body`, parsed, validated and decoded like the gateway
-        does, generated as one batch; -> the first choice's text of each."""
+        does, generated as one batch (vllm: sent together); -> the first choice's text of each."""
         from serve.api import parse_request, to_gen_request
 
-        results = self.engine.generate([to_gen_request(parse_request(body), self.limits)
-                                        for _ in range(batch)])
+        requests = [to_gen_request(parse_request(body), self.limits) for _ in range(batch)]
+        if self.loop is not None:
+            async def together() -> list:
+                return await asyncio.gather(*(self.engine.generate(r) for r in requests))
+
+            results = self.loop.run_until_complete(together())
+        else:
+            results = self.engine.generate(requests)
         if any(not hasattr(r, "choices") for r in results):
             raise RuntimeError(f"in-process generate failed: {results}")
         return [r.choices[0][0] for r in results]
+
+    def close(self) -> None:
+        """Stop vLLM's engine (its engine-core process and the loop's task)."""
+        if self.loop is not None:
+            self.engine.close()
+            pending = asyncio.all_tasks(self.loop)
+            for task in pending:
+                task.cancel()
+            self.loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
+            self.loop.close()
 
 
 def bench_in_process(local: InProcess, batch: int, requests: int, max_tokens: int,
@@ -251,10 +270,11 @@ def run_bench(model_dir: str, *, backend: str = "hf", batch: int = 8, requests: 
     import torch
 
     previous = torch.get_num_threads()
+    local = InProcess(model_dir, backend, threads, batch)
     try:
-        inproc = bench_in_process(InProcess(model_dir, backend, threads), batch, requests,
-                                  max_tokens)
+        inproc = bench_in_process(local, batch, requests, max_tokens)
     finally:
+        local.close()
         torch.set_num_threads(previous)
     started, endpoint = not url, "--url"
     if started:
@@ -305,11 +325,12 @@ def run_quick(model_dir: str, *, backend: str = "hf", batch: int = 8, requests: 
               repeats: int = 5, url: str = "", model: str = MODEL, clients: int = 0,
               overrides: tuple[str, ...] = (), via_proxy: bool = False,
               versus: tuple[str, ...] = (), stream_max_tokens: int = 64) -> dict:
-    """`repeats` interleaved repeats of `_quick_rounds`, then `bench_stream`; one Serve app for all (and a second,
-    "versus", with the `versus` overrides, measured in the same repeats). Ratios and overheads
-    are taken between the medians. `clients` defaults to 2 x `batch`: a closed-loop client
-    waits for its answer, so with only `batch` of them the model idles for every round trip,
-    while the in-process side, whose next batch is always ready, measures capacity."""
+    """`repeats` interleaved repeats of `_quick_rounds`, then `bench_stream`; one Serve app for
+    all (and a second, "versus", with the `versus` overrides, measured in the same repeats).
+    Ratios and overheads are taken between the medians. `clients` defaults to 2 x `batch`: a
+    closed-loop client waits for its answer, so with only `batch` of them the model idles for
+    every round trip, while the in-process side, whose next batch is always ready, measures
+    capacity."""
     import torch
 
     if url and versus:
@@ -317,7 +338,7 @@ def run_quick(model_dir: str, *, backend: str = "hf", batch: int = 8, requests: 
                          "--url or --versus")
     clients = clients or 2 * batch
     previous = torch.get_num_threads()
-    local = InProcess(model_dir, backend, threads)
+    local = InProcess(model_dir, backend, threads, batch)
     started, endpoint, urls = not url, "--url", {"http": url}
     if started:
         urls["http"], endpoint, urls["versus"] = _start_serve(
@@ -337,6 +358,7 @@ def run_quick(model_dir: str, *, backend: str = "hf", batch: int = 8, requests: 
                     else bench_http(urls[mode], model, b, n, max_tokens, warmup=0, clients=c))
         streamed = bench_stream(urls["http"], model, requests_batch1, stream_max_tokens)
     finally:
+        local.close()
         torch.set_num_threads(previous)
         if started:
             _stop_serve()

@@ -25,6 +25,7 @@ What both backends share, written once:
 - vLLM's engine settings on CPU and GPU (`vllm_engine_args`, `VLLM_CPU_ENV`).
 
 Neither ray nor vllm is imported here at module level: vllm loads when a VLLMGenerator is built.
+`AsyncVLLMGenerator` is the same on vLLM's AsyncLLM (continuous batching, streamed text): serving.
 """
 
 from __future__ import annotations
@@ -55,6 +56,7 @@ __all__ = [
     "TextStream",
     "HFGenerator",
     "VLLMGenerator",
+    "AsyncVLLMGenerator",
     "VLLM_CPU_ENV",
     "adds_special_tokens",
     "apply_stop",
@@ -535,19 +537,28 @@ class VLLMGenerator:
         import vllm  # only here: the rest of the layer runs without vllm installed
 
         self.vllm = vllm
-        self.llm = vllm.LLM(**vllm_engine_args(
+        self.llm = self._start(vllm_engine_args(
             str(model_path), on_gpu=self.on_gpu, dtype=dtype, seed=seed,
-            max_model_len=max_model_len, max_images=max_images), **(engine_extra or {}))
+            max_model_len=max_model_len, max_images=max_images) | dict(engine_extra or {}))
         self.processor = AutoProcessor.from_pretrained(str(model_path))
         self.tokenizer = tokenizer_of(self.processor)
         self.eos_ids = eos_token_ids(self.tokenizer)
 
-    def params(self, s: Sampling) -> Any:
+    def _start(self, args: dict[str, Any]) -> Any:
+        return self.vllm.LLM(**args)
+
+    def params(self, s: Sampling, **extra: Any) -> Any:
         """`s` as vllm.SamplingParams (banned tokens: -100, vLLM's strongest logit bias)."""
         return self.vllm.SamplingParams(
             n=1 if s.greedy else s.n, temperature=s.temperature,
             top_p=1.0 if s.greedy else s.top_p, max_tokens=s.max_new_tokens, seed=s.seed,
-            stop=list(s.stop) or None, logit_bias={i: -100.0 for i in s.banned_ids} or None)
+            stop=list(s.stop) or None, logit_bias={i: -100.0 for i in s.banned_ids} or None,
+            **extra)
+
+    def _encode_kwargs(self, texts: list[str]) -> dict[str, Any]:
+        """Encode prompts as transformers would (`adds_special_tokens`)."""
+        return ({} if adds_special_tokens(self.processor, texts)
+                else {"tokenization_kwargs": {"add_special_tokens": False}})
 
     def requests(self, chats: Sequence[Chat],
                  images: Sequence[Sequence[Image.Image]] | None) -> list[dict[str, Any]]:
@@ -562,11 +573,9 @@ class VLLMGenerator:
         return out
 
     def run(self, requests: list[dict[str, Any]], params: Any) -> list[Any]:
-        """llm.generate, encoding prompts as transformers would (`adds_special_tokens`)."""
-        texts = [r["prompt"] for r in requests]
-        extra = ({} if adds_special_tokens(self.processor, texts)
-                 else {"tokenization_kwargs": {"add_special_tokens": False}})
-        return self.llm.generate(requests, params, use_tqdm=False, **extra)
+        """llm.generate on vLLM prompts (`requests`)."""
+        return self.llm.generate(requests, params, use_tqdm=False,
+                                 **self._encode_kwargs([r["prompt"] for r in requests]))
 
     def complete(self, chats: Sequence[Chat], images: Sequence[Sequence[Image.Image]] | None,
                  sampling: Sampling | Sequence[Sampling]) -> list[list[Completion]]:
@@ -576,7 +585,52 @@ class VLLMGenerator:
         per_chat = ([sampling] * len(chats) if isinstance(sampling, Sampling)
                     else list(sampling))
         outputs = self.run(self.requests(chats, images), [self.params(s) for s in per_chat])
-        rows = [[Completion(cut_after_eos(list(c.token_ids), self.eos_ids), c.text,
-                            "length" if c.finish_reason == "length" else "stop")
+        rows = [[self._completion(list(c.token_ids), c.text, c.finish_reason)
                  for c in sorted(o.outputs, key=lambda c: c.index)] for o in outputs]
         return [_repeat_greedy([row], s)[0] for row, s in zip(rows, per_chat, strict=True)]
+
+    def _completion(self, ids: list[int], text: str, finish_reason: str | None) -> Completion:
+        # vLLM cuts the text at stop strings itself; "abort" cannot reach here.
+        return Completion(cut_after_eos(ids, self.eos_ids), text,
+                          "length" if finish_reason == "length" else "stop")
+
+
+class AsyncVLLMGenerator(VLLMGenerator):
+    """vLLM's AsyncLLM on a model folder: each request joins the engine's running batch when it
+    arrives and leaves when it ends (continuous batching), and its text comes out as it is
+    generated. Serving's vllm backend. The engine's background task lives on the event loop of
+    the first `stream` call: call it from one loop."""
+
+    def _start(self, args: dict[str, Any]) -> Any:
+        from vllm import AsyncEngineArgs
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        return AsyncLLM.from_engine_args(AsyncEngineArgs(**args))
+
+    async def stream(self, chat: Chat, images: Sequence[Image.Image], s: Sampling,
+                     request_id: str) -> Any:
+        """(choice index, text piece)s as they are generated, then the `s.n` Completions."""
+        from vllm.sampling_params import RequestOutputKind
+
+        [prompt] = self.requests([chat], [images])
+        params = self.params(s, output_kind=RequestOutputKind.DELTA)  # new text only, per step
+        texts: dict[int, str] = {}
+        ids: dict[int, list[int]] = {}
+        reasons: dict[int, str | None] = {}
+        async for out in self.llm.generate(prompt, params, request_id,
+                                           **self._encode_kwargs([prompt["prompt"]])):
+            for c in out.outputs:
+                texts[c.index] = texts.get(c.index, "") + c.text
+                ids.setdefault(c.index, []).extend(c.token_ids)
+                reasons[c.index] = c.finish_reason
+                # Greedy: one vLLM answer stands for all n equal choices.
+                for choice in range(s.n) if s.greedy else (c.index,):
+                    if c.text:
+                        yield choice, c.text
+        row = [self._completion(ids[i], texts[i], reasons[i]) for i in sorted(texts)]
+        yield _repeat_greedy([row], s)[0]
+
+    def close(self) -> None:
+        self.llm.shutdown()
+        # AsyncLLM.__del__ shuts down again; at interpreter exit that fails noisily.
+        self.llm = None

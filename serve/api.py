@@ -52,6 +52,7 @@ __all__ = [
     "LocalEngine",
     "create_app",
     "local_app",
+    "local_engine",
     "resolve_token",
     "parse_request",
     "to_gen_request",
@@ -365,8 +366,16 @@ async def _events(chunk: _Chunks, n: int, first: object, items: AsyncIterator,
     yield "data: [DONE]\n\n"
 
 
+def local_engine(kind: str, path: str, limits: LimitsConfig) -> Engine:
+    """The model at `path` served in this process: hf behind a LocalEngine; vllm's backend is an
+    engine itself (AsyncLLM batches the requests it is given)."""
+    backend = make_backend(kind, path, limits)
+    return backend if kind == "vllm" else LocalEngine(backend)
+
+
 def local_app(cfg: ServeConfig) -> FastAPI:
-    """Every model of `cfg` loaded in this process (no Ray): tests and in-process benchmarks."""
-    engines = {name: LocalEngine(make_backend(cfg.backend, path, cfg.limits))
+    """Every model of `cfg` loaded in this process (no Ray): tests and in-process benchmarks.
+    With the vllm backend, keep one event loop for all requests (`with TestClient(app)`)."""
+    engines = {name: local_engine(cfg.backend, path, cfg.limits)
                for name, path in cfg.models.items()}
     return create_app(engines, cfg.limits, resolve_token(cfg.auth_token_env))

@@ -48,19 +48,24 @@ class ModelEngine:
 
     def __init__(self, backend: str, path: str, limits: LimitsConfig, max_batch_size: int,
                  batch_wait_timeout_s: float, engine_process: bool = True) -> None:
-        use_process = engine_process and backend == "hf"  # vLLM has an engine process already
-        self.backend = (EngineProcess(backend, path, limits) if use_process
-                        else make_backend(backend, path, limits))
-        # serve/batching.py, not @serve.batch: Serve's batcher splits concurrent requests into
-        # batches of 1-2 while the model is busy (see that module's docstring).
-        self.batcher = Batcher(self.backend.generate, max_batch_size, batch_wait_timeout_s)
+        self.backend = (EngineProcess(backend, path, limits) if engine_process and backend == "hf"
+                        else make_backend(backend, path, limits, max_batch_size))
+        # hf: serve/batching.py, not @serve.batch: Serve's batcher splits concurrent requests into
+        # batches of 1-2 while the model is busy (see that module's docstring). vLLM batches
+        # continuously in its own engine process (VLLMBackend): requests go straight to it.
+        self.batcher = (None if backend == "vllm" else
+                        Batcher(self.backend.generate, max_batch_size, batch_wait_timeout_s))
 
     async def generate(self, request: GenRequest) -> GenResult | ApiError:
+        if self.batcher is None:
+            return await self.backend.generate(request)
         return await self.batcher.submit(request)
 
     async def stream(self, request: GenRequest) -> AsyncIterator:
         """(choice, text piece)s while `request` (stream=True) generates, then its result."""
-        async for item in stream(lambda on_text: self.batcher.submit(request, on_text)):
+        items = (self.backend.stream(request) if self.batcher is None
+                 else stream(lambda on_text: self.batcher.submit(request, on_text)))
+        async for item in items:
             yield item
 
     def check_health(self) -> None:

@@ -1,25 +1,25 @@
-"""Generation backends behind one method: `generate(requests) -> one result or ApiError each`.
+"""The two generation backends of serving, on nsft_ray/generation.py (chat prompt, sampling, stop
+strings, end of sequence, padding and vLLM's CPU/GPU settings live there):
 
-Both are nsft_ray/generation.py's (chat prompt, sampling, stop strings, end of sequence, padding
-and vLLM's CPU/GPU settings live there); this file adds serving's rules:
+- hf: `HFBackend.generate(requests, on_text) -> one result or ApiError each`, a batch function
+  for serve/batching.py: generation.HFGenerator on the model loaded by `nsft_ray.models.load_vlm`;
+  requests with the same sampling settings run as one left-padded batch (a seeded request
+  alone). The text of each request that asked to `stream` goes to `on_text(request index, choice
+  index, piece)` while it is generated, every piece before `generate` returns.
+- vllm: `VLLMBackend`, generation.AsyncVLLMGenerator with multimodal prompts: an engine itself
+  (`generate(request)`, `stream(request)`), each request sent to vLLM as it arrives and batched
+  there continuously, each keeping its own sampling.
 
-- hf: generation.HFGenerator on the model loaded by `nsft_ray.models.load_vlm`; requests with the
-  same sampling settings run as one left-padded batch (a seeded request alone).
-- vllm: generation.VLLMGenerator with multimodal prompts; each request keeps its own sampling.
-
-`generate(requests, on_text)` hands the text of each request that asked to `stream` to
-`on_text(request index, choice index, piece)` while it is generated (hf; vllm's whole answers come
-at the end, see VLLMBackend), every piece before it returns; the pieces of a choice concatenate
-to its final text.
-
-Both count prompt tokens with the model's processor and refuse a request whose prompt + max_tokens
-exceeds the context length with a 400 for that request only: one bad request never fails its
-batch. torch, transformers and vllm are imported only when a backend is built.
+A choice's pieces concatenate to its final text. Both count prompt tokens with the model's
+processor and refuse a request whose prompt + max_tokens exceeds the context length with a 400
+for that request only: one bad request never fails its batch. torch, transformers and vllm are
+imported only when a backend is built.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import itertools
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -161,42 +161,56 @@ class HFBackend:
 
 
 class VLLMBackend:
-    """generation.VLLMGenerator on one model folder; every request keeps its own sampling.
+    """generation.AsyncVLLMGenerator (vLLM's AsyncLLM) on one model folder.
 
-    vllm.LLM returns whole answers: a streaming request gets its text in one piece at the end.
+    Not a batch function like HFBackend: every request goes to vLLM on its own, as it arrives,
+    and joins the batch the engine is running (continuous batching); vLLM schedules, so no
+    Batcher sits in front. It is an engine of serve/api.py itself: `generate(request)` and
+    `stream(request)`, called from one event loop (the engine's output task lives there).
     """
 
-    def __init__(self, path: str, limits: LimitsConfig) -> None:
+    def __init__(self, path: str, limits: LimitsConfig, max_batch_size: int = 0) -> None:
         from transformers import AutoConfig
 
-        from nsft_ray.generation import VLLMGenerator
+        from nsft_ray.generation import AsyncVLLMGenerator
 
         context_length = _context_length(AutoConfig.from_pretrained(path), limits.max_context)
-        self.gen = VLLMGenerator(path, max_model_len=context_length,
-                                 max_images=max(1, limits.max_images))
+        # max_batch_size: the most requests vLLM runs at once (its max_num_seqs; 0: vLLM's).
+        self.gen = AsyncVLLMGenerator(
+            path, max_model_len=context_length, max_images=max(1, limits.max_images),
+            engine_extra={"max_num_seqs": max_batch_size} if max_batch_size else None)
         self.prompts = _Prompts(self.gen.processor)
         self.context_length = context_length
+        self._ids = itertools.count()
 
-    def generate(self, requests: list[GenRequest],
-                 on_text: OnText | None = None) -> list[GenResult | ApiError]:
-        # on_text is not called: the caller sends a streaming request's text at the end.
-        ok, errors = self.prompts.prepare(requests, self.context_length)
-        results: list[GenResult | ApiError | None] = [errors.get(i) for i in range(len(requests))]
-        if not ok:
-            return results  # type: ignore[return-value]
-        out = self.gen.complete([requests[i].messages for i, _ in ok],
-                                [requests[i].images for i, _ in ok],
-                                [requests[i].sampling for i, _ in ok])
-        for (i, n_prompt), completions in zip(ok, out, strict=True):
-            results[i] = _result(completions, n_prompt)
-        return results  # type: ignore[return-value]
+    async def stream(self, request: GenRequest) -> AsyncIterator:
+        """(choice, text piece)s while `request` is generated, then its GenResult or ApiError."""
+        ok, errors = self.prompts.prepare([request], self.context_length)
+        if errors:
+            yield errors[0]
+            return
+        [(_, n_prompt)] = ok
+        async for item in self.gen.stream(request.messages, request.images, request.sampling,
+                                          request_id=f"serve-{next(self._ids)}"):
+            yield item if isinstance(item, tuple) else _result(item, n_prompt)
+
+    async def generate(self, request: GenRequest) -> GenResult | ApiError:
+        items = [item async for item in self.stream(request)]
+        return items[-1]  # the pieces come first
+
+    def close(self) -> None:
+        self.gen.close()
 
 
 BACKENDS: dict[str, type] = {"hf": HFBackend, "vllm": VLLMBackend}
 
 
-def make_backend(kind: str, path: str, limits: LimitsConfig) -> Backend:
-    """Build the backend named `kind` ("hf" or "vllm") on the model folder `path`."""
+def make_backend(kind: str, path: str, limits: LimitsConfig,
+                 max_batch_size: int = 0) -> Backend | VLLMBackend:
+    """Build the backend named `kind` ("hf" or "vllm") on the model folder `path`.
+    `max_batch_size` caps vLLM's running batch; hf's batches are formed by serve/batching.py."""
     if kind not in BACKENDS:
         raise ValueError(f"backend={kind!r}: expected one of {', '.join(BACKENDS)}")
+    if kind == "vllm":
+        return VLLMBackend(path, limits, max_batch_size)
     return BACKENDS[kind](path, limits)

@@ -49,7 +49,9 @@ class ReplicaConfig:
     num_cpus: float = 1.0
     num_gpus: float = 0.0
     max_ongoing_requests: int = 32  # per replica; more queue in the router (backpressure)
-    max_batch_size: int = 8  # concurrent requests merged into one generate() call
+    # hf: concurrent requests merged into one generate() call; vllm: the most requests its
+    # continuously formed batch runs at once (max_num_seqs).
+    max_batch_size: int = 8
     # How long a partial batch waits for the callers expected back (serve/batching.py); a lone
     # caller never waits. 0.01 s split 8 closed-loop clients into 7 + 1 on a loaded machine.
     batch_wait_timeout_s: float = 0.05

@@ -228,9 +228,20 @@ def test_vllm_backend_through_the_same_route(server, model_dir):
                        for c in (hf, vl)]
             assert answers[1].choices[0].message.content == answers[0].choices[0].message.content
             assert answers[1].usage.prompt_tokens == answers[0].usage.prompt_tokens
+            stream = vl.chat.completions.create(model="base", messages=_messages(uri),
+                                                max_tokens=12, temperature=0.0, stream=True)
+            pieces = [c.choices[0].delta.content or "" for c in stream if c.choices]
+            assert "".join(pieces) == answers[0].choices[0].message.content
         with pytest.raises(openai.BadRequestError) as e:
             vl.chat.completions.create(model="base", messages=_messages(uri, "star " * 1100),
                                        max_tokens=4)
         assert e.value.body["code"] == "context_length_exceeded"
+        # bench_serve's vllm path: an AsyncLLM in this process against the app's, same answers.
+        from benchmarks.bench_serve import run_quick
+
+        report = run_quick(model_dir, backend="vllm", batch=2, requests=4, requests_batch1=2,
+                           max_tokens=4, repeats=1, url=server + "/vllm", model="base",
+                           stream_max_tokens=8)
+        assert report["outputs_agree"] is True and report["stream"]["text_equal"] is True
     finally:
         serve.delete("vllm")
