@@ -35,6 +35,7 @@ import logging
 import os
 import re
 from collections.abc import Callable, Collection, Mapping, Sequence
+from contextlib import aclosing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -617,16 +618,18 @@ class AsyncVLLMGenerator(VLLMGenerator):
         texts: dict[int, str] = {}
         ids: dict[int, list[int]] = {}
         reasons: dict[int, str | None] = {}
-        async for out in self.llm.generate(prompt, params, request_id,
-                                           **self._encode_kwargs([prompt["prompt"]])):
-            for c in out.outputs:
-                texts[c.index] = texts.get(c.index, "") + c.text
-                ids.setdefault(c.index, []).extend(c.token_ids)
-                reasons[c.index] = c.finish_reason
-                # Greedy: one vLLM answer stands for all n equal choices.
-                for choice in range(s.n) if s.greedy else (c.index,):
-                    if c.text:
-                        yield choice, c.text
+        outputs = self.llm.generate(prompt, params, request_id,
+                                    **self._encode_kwargs([prompt["prompt"]]))
+        async with aclosing(outputs):  # closed early (the caller stopped): vLLM aborts it
+            async for out in outputs:
+                for c in out.outputs:
+                    texts[c.index] = texts.get(c.index, "") + c.text
+                    ids.setdefault(c.index, []).extend(c.token_ids)
+                    reasons[c.index] = c.finish_reason
+                    # Greedy: one vLLM answer stands for all n equal choices.
+                    for choice in range(s.n) if s.greedy else (c.index,):
+                        if c.text:
+                            yield choice, c.text
         row = [self._completion(ids[i], texts[i], reasons[i]) for i in sorted(texts)]
         yield _repeat_greedy([row], s)[0]
 

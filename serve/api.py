@@ -278,9 +278,8 @@ def create_app(
         if isinstance(first, ApiError):
             raise first
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
-        return StreamingResponse(
-            _events(_Chunks(rid, created, req.model), req.n, first, items, include_usage),
-            media_type="text/event-stream")
+        events = _events(_Chunks(rid, created, req.model), req.n, first, items, include_usage)
+        return StreamingResponse(_closing(events, items), media_type="text/event-stream")
 
     return app
 
@@ -317,6 +316,16 @@ def _auth_check(token: str | None):
                            None, "invalid_api_key")
 
     return check_auth
+
+
+async def _closing(events: AsyncIterator[str], items: AsyncIterator) -> AsyncIterator[str]:
+    """`events`, then `items` closed however the response ends: a client that disconnects
+    mid-answer ends its request in the engine (vLLM aborts it) now, not when collected."""
+    try:
+        async for event in events:
+            yield event
+    finally:
+        await items.aclose()
 
 
 @dataclass(frozen=True)

@@ -21,6 +21,7 @@ import signal
 import sys
 import time
 from collections.abc import AsyncIterator
+from contextlib import aclosing
 from pathlib import Path
 
 from ray import serve
@@ -65,8 +66,9 @@ class ModelEngine:
         """(choice, text piece)s while `request` (stream=True) generates, then its result."""
         items = (self.backend.stream(request) if self.batcher is None
                  else stream(lambda on_text: self.batcher.submit(request, on_text)))
-        async for item in items:
-            yield item
+        async with aclosing(items):  # a caller that stops reading ends vLLM's request at once
+            async for item in items:
+                yield item
 
     def check_health(self) -> None:
         """Ray Serve calls this periodically; raising makes it replace the replica."""

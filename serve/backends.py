@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import AsyncIterator, Callable
+from contextlib import aclosing
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -190,9 +191,12 @@ class VLLMBackend:
             yield errors[0]
             return
         [(_, n_prompt)] = ok
-        async for item in self.gen.stream(request.messages, request.images, request.sampling,
-                                          request_id=f"serve-{next(self._ids)}"):
-            yield item if isinstance(item, tuple) else _result(item, n_prompt)
+        # aclosing: a caller that stops reading (a client gone) closes vLLM's request now, which
+        # aborts it, rather than whenever the generators are collected.
+        async with aclosing(self.gen.stream(request.messages, request.images, request.sampling,
+                                            request_id=f"serve-{next(self._ids)}")) as items:
+            async for item in items:
+                yield item if isinstance(item, tuple) else _result(item, n_prompt)
 
     async def generate(self, request: GenRequest) -> GenResult | ApiError:
         items = [item async for item in self.stream(request)]

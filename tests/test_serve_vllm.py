@@ -114,3 +114,25 @@ def test_prompt_over_the_context_is_a_400_for_that_request(engines):
     result = loop.run_until_complete(vllm_backend.generate(_request(0, "word " * 300)))
     assert not isinstance(result, GenResult)
     assert result.status == 400 and result.code == "context_length_exceeded"
+
+
+def test_an_abandoned_stream_leaves_the_engine(engines):
+    """A client that goes away mid-answer (the SSE response stops reading): fails if vLLM keeps
+    generating the rest of its answer, holding a slot of the running batch and the cores."""
+    loop, vllm_backend, _ = engines
+    output = vllm_backend.gen.llm.output_processor
+
+    async def abandon() -> int:
+        items = vllm_backend.stream(_request(5, max_new_tokens=160))
+        assert isinstance(await anext(items), tuple)  # it is generating
+        running = output.get_num_unfinished_requests()
+        await items.aclose()
+        for _ in range(200):
+            if output.get_num_unfinished_requests() == 0:
+                break
+            await asyncio.sleep(0.01)
+        return running
+
+    assert loop.run_until_complete(abandon()) == 1
+    assert vllm_backend.gen.llm.output_processor.get_num_unfinished_requests() == 0
+    assert loop.run_until_complete(vllm_backend.generate(_request(0))).choices  # still serves
