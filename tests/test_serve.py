@@ -481,6 +481,8 @@ def _chromium():
 
 
 def test_playground_shows_every_models_answer(http_server, tmp_path):
+    """The page streams each model's answer into its card: fails if the SSE reader loses, repeats
+    or garbles a piece (the text would differ from the non-streamed answer) or an error."""
     webdriver, browser, driver_path = _chromium()
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
@@ -513,6 +515,8 @@ def test_playground_shows_every_models_answer(http_server, tmp_path):
             c.get_attribute("data-state"),
             c.find_element(By.CSS_SELECTOR, ".answer").get_property("textContent"))
             for c in browser_driver.find_elements(By.CSS_SELECTOR, ".card")}
+        chunks = [int(c.get_attribute("data-chunks"))
+                  for c in browser_driver.find_elements(By.CSS_SELECTOR, ".card")]
     finally:
         browser_driver.quit()
     import httpx
@@ -523,6 +527,7 @@ def test_playground_shows_every_models_answer(http_server, tmp_path):
             name, uri, "How many circles are there?", max_tokens=32))
         assert shown[name] == ("done", r.json()["choices"][0]["message"]["content"]), name
     assert shown["base"][1] != shown["nsft"][1]
+    assert sum(chunks) > 2, chunks  # the page read the answers as a stream, in pieces
 
 
 def test_gateway_admits_every_request_its_models_accept():
