@@ -346,7 +346,8 @@ async def _events(chunk: _Chunks, n: int, first: object, items: AsyncIterator,
                   include_usage: bool) -> AsyncIterator[str]:
     """OpenAI's SSE framing of an answer as it is generated: a role chunk per choice, a chunk
     per text piece as the engine hands it out, then each choice's finish reason, the usage if
-    asked, [DONE]. Text an engine did not stream (vLLM's whole answers) follows its last piece."""
+    asked, [DONE]. Final text an engine did not hand out in pieces (an engine that does
+    not stream) follows its last piece."""
     for i in range(n):
         yield chunk(i, {"role": "assistant", "content": ""})
     sent = [""] * n

@@ -179,6 +179,21 @@ def test_streamed_choices_equal_the_whole_answers(client, image_uri):
     assert pieces > len(bodies) + 2  # answers came in several pieces, not whole
 
 
+def test_text_an_engine_did_not_stream_is_sent_at_the_end(image_uri):
+    """An engine whose stream holds only the result (nothing handed out in pieces): fails if the
+    SSE framing sends only pieces and so loses the answer."""
+    from serve.backends import GenResult
+
+    class Whole:
+        async def stream(self, request):
+            yield GenResult([("A whole answer.", "stop"), ("Another.", "length")], 3, 6)
+
+    client = TestClient(create_app({"w": Whole()}, LimitsConfig()))
+    texts, reasons, pieces = _streamed(client, chat("w", image_uri, n=2))
+    assert texts == ["A whole answer.", "Another."] and reasons == ["stop", "length"]
+    assert pieces == 2
+
+
 def test_seeded_sampling_is_reproducible_and_n_choices(client, image_uri):
     body = chat(uri=image_uri, temperature=1.0, n=3, seed=7)
     a = client.post("/v1/chat/completions", json=body).json()
