@@ -11,7 +11,7 @@ http: `--batch` concurrent clients against a Serve app whose model deployment ba
 `--batch` requests (max_batch_size); one replica with `--threads` CPUs (the in-process side runs
 with as many torch threads). Batches fill from concurrent arrivals, so a server batch can be
 smaller than `--batch` when a client is between requests.
-Without --model-dir a tiny Idefics3 model is built into a temporary folder.
+Without --model-dir an Idefics3 model of `--size` (tiny or small) is built into a temporary folder.
 http goes to the ingress replica's own port (Ray Serve's direct ingress, as `nsft-ray serve` prints
 it) unless --via-proxy sends it through Serve's proxy.
 --quick: Ray Serve started once; `--repeats` interleaved repeats of (in-process, http with
@@ -438,7 +438,9 @@ def print_table(report: dict) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model-dir", default="", help="HF folder (default: build a tiny VLM)")
+    p.add_argument("--model-dir", default="", help="HF folder (default: build a VLM of --size)")
+    p.add_argument("--size", choices=["tiny", "small"], default="tiny",
+                   help="the Idefics3 build when there is no --model-dir (small: ~36M parameters)")
     p.add_argument("--backend", choices=["hf", "vllm"], default="hf")
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--requests", type=int, default=256,
@@ -483,8 +485,8 @@ def main(argv: list[str] | None = None) -> int:
         from nsft_ray.models import build_tiny_vlm
         from nsft_ray.world import corpus
 
-        model_dir = str(build_tiny_vlm(Path(tempfile.mkdtemp()) / "tiny_vlm",
-                                       corpus(WorldConfig(), n=300, seed=0)))
+        model_dir = str(build_tiny_vlm(Path(tempfile.mkdtemp()) / f"{args.size}_vlm",
+                                       corpus(WorldConfig(), n=300, seed=0), size=args.size))
     common = dict(backend=args.backend, batch=args.batch, requests=args.requests,
                   max_tokens=args.max_tokens, threads=args.threads, url=args.url,
                   model=args.model, clients=args.clients, via_proxy=args.via_proxy,
