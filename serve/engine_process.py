@@ -36,14 +36,15 @@ def _child(conn: Connection, kind: str, path: str, limits: LimitsConfig) -> None
         conn.send(("error", e))
         return
     conn.send(("ready", backend.context_length))
+
+    def send_text(request: int, choice: int, piece: str) -> None:
+        conn.send(("text", (request, choice, piece)))
+
     while True:
         try:
             requests = conn.recv()
         except EOFError:  # the parent closed the pipe or died
             return
-        def send_text(request: int, choice: int, piece: str) -> None:
-            conn.send(("text", (request, choice, piece)))
-
         try:
             on_text = send_text if any(r.stream for r in requests) else None
             conn.send(("ok", backend.generate(requests, on_text)))
