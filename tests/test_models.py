@@ -357,3 +357,32 @@ def test_freeze_errors_name_the_part(tiny):
         freeze(model, ["eyes"])
     with pytest.raises(ValueError, match="Linear has no vision module"):
         freeze(torch.nn.Linear(2, 2), ["vision"])
+
+
+def test_false_default_config_warning_dropped_real_ones_kept(tiny, tmp_path):
+    """Loading an Idefics3 config warned about a pad id of transformers' own default config
+    (vocabulary 32,000, pad 128,002), once per process: the demo's console had it 15 times.
+    Fails if the filter is gone (the false warning shows) or too broad (a real bad id in a loaded
+    config no longer warns)."""
+    import logging
+
+    import transformers
+    from transformers import AutoConfig
+
+    path = tiny[0]
+    config = json.loads((path / "config.json").read_text())
+    config["text_config"]["pad_token_id"] = 997  # outside the tiny vocabulary
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    seen: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: seen.append(record.getMessage())
+    logger = logging.getLogger("transformers.configuration_utils")
+    logger.addHandler(handler)
+    transformers.utils.logging.warning_once.cache_clear()  # earlier loads in this process
+    try:
+        AutoConfig.from_pretrained(path)
+        AutoConfig.from_pretrained(tmp_path)
+    finally:
+        logger.removeHandler(handler)
+    assert not [m for m in seen if "128002" in m], seen
+    assert [m for m in seen if "pad_token_id" in m and "got 997" in m], seen

@@ -238,6 +238,31 @@ def test_the_worker_hook_quiets_the_cleaners_logger_by_its_real_name():
     assert placement_group_cleaner.logger.name == PLACEMENT_GROUP_CLEANER
 
 
+def test_the_false_no_cpu_warning_is_named_by_ray_datas_own_text():
+    """The embedded Ray drops Ray Data's "the Dataset job will hang" warning by its
+    logger and text; fails if Ray moves or rewords it (the false alarm would be back)."""
+    import inspect
+
+    import ray.data.dataset
+
+    from nsft_ray.ray_glue.runtime import NO_FREE_CPUS, RAY_DATA_DATASET
+
+    assert ray.data.dataset.logger.name == RAY_DATA_DATASET
+    assert NO_FREE_CPUS in inspect.getsource(ray.data.dataset)
+
+
+def test_embedded_workers_draw_no_weight_loading_bars(ray_local):
+    """A worker's transformers bars reach the console as one line per refresh (13 in the demo);
+    the embedded Ray's workers start with them off, the driver keeps its own."""
+    @ray.remote
+    def bars_on() -> bool:
+        import transformers
+
+        return transformers.utils.logging.is_progress_bar_enabled()
+
+    assert ray.get(bars_on.remote()) is False
+
+
 def test_nsft_kl_with_a_frozen_tower_on_zero2(ray_local, assets):
     """nSFT with the KL term, vision tower and connector frozen (their features cached), ZeRO-2,
     length-grouped micro-batches: two models resident, a KL that is 0 at the start and positive

@@ -42,6 +42,8 @@ DATASOURCE_V2_ENV = "RAY_DATA_USE_DATASOURCE_V2"
 TRAIN_LOGGING = ray.train.LoggingConfig(log_level="WARNING")
 # Ray Data's logger that says (once per process, as a warning) that the bars we turned off are off.
 RAY_DATA_PROGRESS = "ray.data._internal.progress"
+RAY_DATA_DATASET = "ray.data.dataset"
+NO_FREE_CPUS = "The Dataset job will hang unless more CPUs"
 PLACEMENT_GROUP_CLEANER = "ray.train.v2._internal.execution.controller.placement_group_cleaner"
 
 
@@ -66,6 +68,11 @@ def ensure_ray(address: str = "", num_cpus: int | None = None) -> None:
     # that lives and dies with this process that is noise (a cluster's head still says it).
     logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(
         logging.ERROR)
+    # Before each execution Ray Data warns that "the Dataset job will hang" when Ray's resource
+    # view shows no free CPU. The embedded Ray runs one stage at a time, and the CPUs it sees
+    # taken are the last stage's (a Train run's placement group, finished tasks), which Ray's view
+    # shows as free a moment later: a false alarm (the demo printed it in most runs).
+    logging.getLogger(RAY_DATA_DATASET).addFilter(_DropMessage(NO_FREE_CPUS))
     # address="local": always a new embedded instance, never a stray one another process started.
     ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, runtime_env=env,
              logging_level=logging.WARNING)
@@ -82,8 +89,20 @@ def _embedded_env_vars() -> dict[str, str]:
     defaults = {REPORT_POLL_ENV: REPORT_POLL_S, PREEMPTION_WATCHER_ENV: "0", DATASOURCE_V2_ENV: "0",
                 "DS_ACCELERATOR": "cuda" if torch.cuda.is_available() else "cpu"}
     env = {k: os.environ.setdefault(k, v) for k, v in defaults.items()}
-    return {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", **env,
+    # transformers' "Loading weights" bars: in a worker each refresh is one more forwarded console
+    # line (13 in the demo, from its eval and sampler actors); the driver keeps its own.
+    return {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+            "HF_HUB_DISABLE_PROGRESS_BARS": "1", **env,
             "RAY_DATA_LOGGING_CONFIG": os.environ["RAY_DATA_LOGGING_CONFIG"]}
+
+
+class _DropMessage(logging.Filter):
+    def __init__(self, text: str) -> None:
+        super().__init__()
+        self.text = text
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return self.text not in record.getMessage()
 
 
 def _drop_repeated_bar_closes() -> None:
