@@ -30,10 +30,10 @@ Neither ray nor vllm is imported here at module level: vllm loads when a VLLMGen
 
 from __future__ import annotations
 
+import functools
 import itertools
 import logging
 import os
-import re
 from collections.abc import Callable, Collection, Mapping, Sequence
 from contextlib import aclosing
 from dataclasses import dataclass
@@ -267,16 +267,39 @@ class TextStream:
         self.ids: list[int] = []
         self.sent = ""  # what was handed out so far
         self.done = False
+        # Incremental decoding, as vLLM's detokenizer does: decoding the whole answer at every
+        # token costs O(T) per token, O(T²) per answer (0.56 s of a 2,048-token answer, on the
+        # generating thread). The text of ids[:read] is known; each token decodes only
+        # ids[prefix:], and what it adds is that window's text past the window's old text.
+        self.text, self.prefix, self.read = "", 0, 0
 
     def push(self, token_id: int) -> str:
         """The text that became safe to send with this token ("" if none)."""
         if self.done:
             return ""
         self.ids.append(token_id)
-        text, stopped = apply_stop(
-            self.tokenizer.decode(self.ids, skip_special_tokens=True), self.stops)
-        self.done = stopped or token_id in self.eos_ids
+        text, ended = self._decoded(), token_id in self.eos_ids
+        # A trailing U+FFFD may be a character whose last bytes are still to come: no stop string
+        # is matched against it before they do (a stop "\ufffd" would end the answer early).
+        text, stopped = apply_stop(text if ended else text.rstrip("\ufffd"), self.stops)
+        self.done = stopped or ended
         return self._advance(text if self.done else text[:self._stable(text)])
+
+    def _decoded(self) -> str:
+        """The answer's text so far: the whole decode's, from a few tokens' decode."""
+        decode = functools.partial(self.tokenizer.decode, skip_special_tokens=True)
+        old = decode(self.ids[self.prefix:self.read])
+        window = decode(self.ids[self.prefix:])
+        if window.startswith(old):
+            piece = window[len(old):]
+            text = self.text + piece
+        else:  # the decoder changed the window's old text (a byte-fallback run): decode it all
+            piece, text, self.text, self.prefix, self.read = None, decode(self.ids), "", 0, 0
+        if not text.endswith("\ufffd"):  # not within a character split over byte tokens
+            if piece != "":  # tokens with no text (a special token) are no context: a decoder
+                self.prefix = self.read  # that strips a first space would strip the next one's
+            self.text, self.read = text, len(self.ids)
+        return text
 
     def finish(self, text: str) -> str:
         """The rest of the answer whose final text is `text`."""
@@ -296,8 +319,9 @@ class TextStream:
                 if text.endswith(stop[:k]):
                     end = min(end, len(text) - k)
                     break
-        last_space = re.search(r"\s\S*\Z", text[:end])
-        return last_space.start() if last_space else 0
+        while end > 0 and not text[end - 1].isspace():  # from the end: O(word), not O(text)
+            end -= 1
+        return max(end - 1, 0)
 
     def _advance(self, text: str) -> str:
         if len(text) <= len(self.sent) or not text.startswith(self.sent):
