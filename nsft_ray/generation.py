@@ -20,7 +20,7 @@ What both backends share, written once:
   (`apply_stop`); greedy answers asked for n times are computed once;
 - streaming (transformers): `HFGenerator.complete(..., listeners=...)` hands each listened chat's
   text to a callback as it is generated, in pieces whose concatenation is the returned text
-  (`TextStream`);
+  (`TextStream`); a row stops generating at its stop string, or when its listener has gone;
 - padding: `pad_token_id`, the pad token or else eos;
 - vLLM's engine settings on CPU and GPU (`vllm_engine_args`, `VLLM_CPU_ENV`).
 
@@ -332,27 +332,42 @@ class TextStream:
         return piece
 
 
-class _BatchStreamer:
-    """transformers' streamer interface (`generate` calls `put` with the prompt ids, then with
-    each step's (B,) new tokens, and `end`), fanning tokens out to one TextStream per row."""
+class _RowStops:
+    """A transformers stopping criterion that also streams: at each step it hands every row's
+    new token to that row's TextStream, sends the pieces, and reports as finished the rows whose
+    answer ended (eos or a stop string: without this a row went on generating after its stop
+    string until max_new_tokens, and its batch with it) or whose listener left (`send` returned
+    False: a streaming client that disconnected). transformers pads a finished row from then on.
+    """
 
     def __init__(self, streams: Mapping[int, TextStream],
-                 send: Callable[[int, str], None]) -> None:
-        self.streams, self.send = streams, send
-        self.prompt_seen = False
+                 send: Callable[[int, str], bool | None], rows: int) -> None:
+        self.streams, self.send, self.rows = streams, send, rows
+        self.left: set[int] = set()  # rows whose listener has gone
 
-    def put(self, value: Tensor) -> None:
-        if not self.prompt_seen:  # the first call carries the prompts
-            self.prompt_seen = True
-            return
-        tokens = value.reshape(-1).tolist()
+    def __call__(self, input_ids: Tensor, scores: Any, **kwargs: Any) -> Tensor:
+        import torch
+
+        tokens = input_ids[:, -1].tolist()
         for row, stream in self.streams.items():
-            piece = stream.push(tokens[row])
-            if piece:
-                self.send(row, piece)
+            if stream.done:
+                continue
+            # Sent even when empty: the callback's answer says whether its listener is there.
+            if self.send(row, stream.push(tokens[row])) is False:
+                stream.done = True
+                self.left.add(row)
+        return torch.tensor([row in self.streams and self.streams[row].done
+                             for row in range(self.rows)], device=input_ids.device)
 
-    def end(self) -> None:
-        pass
+    def cut(self, rows: list[list[int]]) -> list[list[int]]:
+        """Each finished row's ids up to the token that finished it (the padding after it is not
+        part of the answer)."""
+        return [row[:len(self.streams[i].ids)] if i in self.streams else row
+                for i, row in enumerate(rows)]
+
+
+# A streamed chat's callback: (choice index, text piece) -> False once its listener has gone.
+Listener = Callable[[int, str], "bool | None"]
 
 
 def _repeat_greedy(rows: list[list[Completion]], s: Sampling) -> list[list[Completion]]:
@@ -399,10 +414,10 @@ class HFGenerator:
             self.tokenizer.pad_token_id = self.pad_id
 
     def token_ids(self, inputs: dict[str, Tensor], s: Sampling,
-                  streamer: Any = None) -> list[list[int]]:
+                  stops: _RowStops | None = None) -> list[list[int]]:
         """New token ids for encoded, left-padded prompts (`encode_chats`): (B * k) rows, prompt
         i's k answers consecutive (k = n when sampling, else 1), each cut after its first eos.
-        `streamer`: transformers' streamer interface, handed each step's tokens."""
+        `stops`: the rows that end early, and their streamed text."""
         import torch
 
         from nsft_ray.models import to_model_inputs
@@ -416,43 +431,51 @@ class HFGenerator:
             enc = self.features.attach(self.model, enc)
         with torch.no_grad():
             out = self.model.generate(**enc, generation_config=config,
-                                      streamer=streamer)  # (B * k, P + T_new)
-        return [cut_after_eos(r, self.eos_ids) for r in out[:, prompt_length:].tolist()]
+                                      stopping_criteria=[stops] if stops else None)
+        rows = out[:, prompt_length:].tolist()  # (B * k, T_new)
+        return [cut_after_eos(r, self.eos_ids) for r in (stops.cut(rows) if stops else rows)]
 
     def complete(self, chats: Sequence[Chat], images: Sequence[Sequence[Image.Image]] | None,
-                 s: Sampling, listeners: Mapping[int, Callable[[int, str], None]] | None = None,
+                 s: Sampling, listeners: Mapping[int, Listener] | None = None,
                  ) -> list[list[Completion]]:
-        """`s.n` completions per chat, generated as one left-padded batch.
+        """`s.n` completions per chat, generated as one left-padded batch; a row ends at its
+        first eos or stop string.
 
         `listeners`: {chat index: callback(choice index, text piece)}; each listened chat's
         answers are handed out while they are generated (`TextStream`), every piece before this
-        returns.
+        returns. A callback is called at every step, with "" when no text became final; one that
+        returns False has gone, and its chat's rows stop generating.
         """
         if not chats:
             return []
         k = 1 if s.greedy else s.n
+        listeners = listeners or {}
+        # Rows with a stop string to find, or a listener, are followed token by token.
+        followed = range(len(chats)) if s.stop else listeners
         streams = {i * k + j: TextStream(self.tokenizer, self.eos_ids, s.stop)
-                   for i in (listeners or {}) for j in range(k)}
+                   for i in followed for j in range(k)}
 
-        def send(row: int, piece: str) -> None:
+        def send(row: int, piece: str) -> bool:
             chat, choice = divmod(row, k)
+            if chat not in listeners:
+                return True
             # Greedy: one row stands for all n equal choices.
-            for c in range(s.n) if s.greedy else (choice,):
-                listeners[chat](c, piece)
+            kept = [listeners[chat](c, piece) for c in (range(s.n) if s.greedy else (choice,))]
+            return not all(keep is False for keep in kept)
 
-        streamer = _BatchStreamer(streams, send) if streams else None
-        rows = self.token_ids(encode_chats(self.processor, chats, images), s, streamer)
+        stops = _RowStops(streams, send, len(chats) * k) if streams else None
+        rows = self.token_ids(encode_chats(self.processor, chats, images), s, stops)
         completions = [self._completion(ids, s.stop) for ids in rows]
         for row, stream in streams.items():
             piece = stream.finish(completions[row].text)
-            if piece:
+            if piece and row not in stops.left:
                 send(row, piece)
         return _repeat_greedy([completions[i * k:(i + 1) * k] for i in range(len(chats))], s)
 
     def _completion(self, ids: list[int], stops: Sequence[str]) -> Completion:
         ended = bool(ids) and ids[-1] in self.eos_ids
         text = self.tokenizer.decode(ids, skip_special_tokens=True)
-        # Stop strings are applied to the text afterwards (generation is not cut short).
+        # The row ended at the token that completed a stop string; the text ends before it.
         text, stopped = apply_stop(text, stops)
         return Completion(ids, text, "stop" if ended or stopped else "length")
 

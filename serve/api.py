@@ -82,15 +82,23 @@ class LocalEngine:
     async def stream(self, request: GenRequest) -> AsyncIterator:
         """(choice, text piece)s while `request` generates, then its result."""
         loop = asyncio.get_running_loop()
+        gone = threading.Event()  # the caller stopped reading: generation stops for it
 
         def start(on_text):
-            def emit(_: int, choice: int, piece: str) -> None:  # on the generating thread
-                loop.call_soon_threadsafe(on_text, choice, piece)
+            def emit(_: int, choice: int, piece: str) -> bool:  # on the generating thread
+                if gone.is_set():
+                    return False
+                if piece:  # "" only asks whether the caller is there
+                    loop.call_soon_threadsafe(on_text, choice, piece)
+                return True
 
             return asyncio.to_thread(self._one, request, emit)
 
-        async for item in stream(start):
-            yield item
+        try:
+            async for item in stream(start):
+                yield item
+        finally:
+            gone.set()
 
     def _one(self, request: GenRequest, on_text=None) -> GenResult | ApiError:
         with self._lock:

@@ -92,8 +92,15 @@ class HandleEngine:
 
     async def stream(self, request: GenRequest) -> AsyncIterator:
         # A streaming handle call: the replica's async generator yields across the hop.
-        async for item in self.handle.options(stream=True).stream.remote(request):
-            yield item
+        response = self.handle.options(stream=True).stream.remote(request)
+        ended = False
+        try:
+            async for item in response:
+                ended = not isinstance(item, tuple)  # the result comes after the (choice, piece)s
+                yield item
+        finally:
+            if not ended:  # a client that disconnected: cancelling the call closes the
+                response.cancel()  # replica's generator, which stops the request there
 
 
 @serve.deployment

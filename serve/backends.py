@@ -5,7 +5,8 @@ strings, end of sequence, padding and vLLM's CPU/GPU settings live there):
   for serve/batching.py: generation.HFGenerator on the model loaded by `nsft_ray.models.load_vlm`;
   requests with the same sampling settings run as one left-padded batch (a seeded request
   alone). The text of each request that asked to `stream` goes to `on_text(request index, choice
-  index, piece)` while it is generated, every piece before `generate` returns.
+  index, piece)` while it is generated, every piece before `generate` returns; a request whose
+  `on_text` returns False (its client has gone) stops generating.
 - vllm: `VLLMBackend`, generation.AsyncVLLMGenerator with multimodal prompts: an engine itself
   (`generate(request)`, `stream(request)`), each request sent to vLLM as it arrives and batched
   there continuously, each keeping its own sampling.
@@ -62,7 +63,9 @@ class GenResult:
     completion_tokens: int  # over all choices, end-of-turn token included
 
 
-OnText = Callable[[int, int, str], None]  # (request index, choice index, text piece)
+# (request index, choice index, text piece) -> False once that request's caller has gone, which
+# stops its generation (None: still listening). Called with "" too, which only asks that.
+OnText = Callable[[int, int, str], "bool | None"]
 
 
 class Backend(Protocol):
@@ -123,7 +126,7 @@ def _result(completions: list[Completion], n_prompt: int) -> GenResult:
                      sum(len(c.token_ids) for c in completions))
 
 
-def _listener(on_text: OnText, request: int) -> Callable[[int, str], None]:
+def _listener(on_text: OnText, request: int) -> Callable[[int, str], bool | None]:
     return lambda choice, piece: on_text(request, choice, piece)
 
 

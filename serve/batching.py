@@ -42,9 +42,14 @@ async def stream(start: Callable[[OnPiece], Awaitable[Any]]) -> AsyncIterator[An
     task = asyncio.ensure_future(start(lambda choice, piece: pieces.put_nowait((choice, piece))))
     # Pieces are queued (on this loop) before the result is set, so None comes last.
     task.add_done_callback(lambda _: pieces.put_nowait(None))
-    while (piece := await pieces.get()) is not None:
-        yield piece
-    yield task.result()
+    try:
+        while (piece := await pieces.get()) is not None:
+            yield piece
+        yield task.result()
+    finally:
+        # A caller that stopped reading (a client that disconnected): cancelling its submit
+        # cancels its future, which tells the batch function that it has gone (`_emitter`).
+        task.cancel()
 
 
 class Batcher:
@@ -53,7 +58,9 @@ class Batcher:
 
     When a caller of the batch listens for text (`submit(item, on_text)`), the call is
     `fn(items, emit)` and `fn` calls `emit(item index, choice, piece)` from its thread; each piece
-    reaches its caller's `on_text` on the event loop, before the result.
+    reaches its caller's `on_text` on the event loop, before the result. `emit` returns False once
+    that caller has gone (its submit was cancelled), so `fn` can stop generating for it; `fn` may
+    emit "" to ask only that.
     """
 
     def __init__(self, fn: Callable[[list], list], max_batch_size: int, wait_s: float) -> None:
@@ -133,13 +140,19 @@ class Batcher:
 
 
 def _emitter(batch: list[_Pending], loop: asyncio.AbstractEventLoop
-             ) -> Callable[[int, int, str], None]:
+             ) -> Callable[[int, int, str], bool]:
     """emit(item index, choice, piece) for `fn`'s thread: the piece goes to that item's caller on
-    the loop (call_soon_threadsafe keeps the order: pieces, then the batch's results)."""
+    the loop (call_soon_threadsafe keeps the order: pieces, then the batch's results); False when
+    the caller has gone."""
 
-    def emit(index: int, choice: int, piece: str) -> None:
-        on_text = batch[index].on_text
-        if on_text is not None:
-            loop.call_soon_threadsafe(on_text, choice, piece)
+    def emit(index: int, choice: int, piece: str) -> bool:
+        pending = batch[index]
+        # Read from another thread: a future's state is one attribute, and a stale read costs
+        # one more piece at most. Only a cancelled caller's future is done during its batch.
+        if pending.future.done():
+            return False
+        if piece and pending.on_text is not None:  # "" only asks whether the caller is there
+            loop.call_soon_threadsafe(pending.on_text, choice, piece)
+        return True
 
     return emit

@@ -340,8 +340,9 @@ def test_streamed_pieces_arrive_during_generation_and_equal_the_answers(tiny):
         first_at: list[int] = []
 
         def listen(choice: int, piece: str) -> None:
-            first_at.append(len(forwards))
-            got[choice] = got.get(choice, "") + piece
+            if piece:  # "" only asks whether the listener is still there
+                first_at.append(len(forwards))
+                got[choice] = got.get(choice, "") + piece
 
         for s in (Sampling(max_new_tokens=48, n=2),
                   Sampling(max_new_tokens=48, temperature=1.0, n=2, seed=5)):
@@ -351,6 +352,78 @@ def test_streamed_pieces_arrive_during_generation_and_equal_the_answers(tiny):
             assert first_at[0] < len(forwards) - 1, (first_at, len(forwards))
     finally:
         hook.remove()
+
+
+def _forwards(model):
+    """A counter of the model's forward passes (a hook), and its remover."""
+    calls: list[int] = []
+    hook = model.register_forward_hook(lambda *_: calls.append(1))
+    return calls, hook.remove
+
+
+def test_a_stop_string_ends_its_row_and_a_batch_of_such_rows(tiny):
+    """Oracle: the answers generated without stops (40 tokens), a stop string taken from the
+    text each gains after its 11th token: with those stops, each text is cut before the earliest
+    one, the ids end at the first token whose text holds it, and the batch runs no more forward
+    passes than its longest stopped row needs. Fails if a row goes on after its stop string (it
+    ran to max_new_tokens before), or if the padding after a stopped row is counted as its
+    tokens."""
+    _, model, processor, images = tiny
+    gen = HFGenerator(model, processor)
+
+    def text(ids: list[int]) -> str:
+        return processor.tokenizer.decode(ids, skip_special_tokens=True)
+
+    chats = [user_turn(im, p) for im, p in zip(images, PROMPTS, strict=True)]
+    ims = [[im] for im in images]
+    free = [row[0] for row in gen.complete(chats, ims, Sampling(max_new_tokens=40))]
+    assert all(len(c.token_ids) == 40 for c in free)  # the random model never ends
+    stops = []
+    for c in free:
+        head = text(c.token_ids[:11])
+        grown = next(t for t in range(12, 41) if text(c.token_ids[:t]) != head)
+        assert grown < 30
+        stops.append(text(c.token_ids[:grown])[len(head):])
+    calls, remove = _forwards(model)
+    try:
+        got = [row[0] for row in gen.complete(chats, ims,
+                                              Sampling(max_new_tokens=40, stop=tuple(stops)))]
+    finally:
+        remove()
+    for c, u in zip(got, free, strict=True):
+        cut = next(t for t in range(41) if apply_stop(text(u.token_ids[:t]), stops)[1])
+        assert (c.text, c.token_ids, c.finish_reason) == (
+            apply_stop(u.text, stops)[0], u.token_ids[:cut], "stop")
+    assert len(calls) <= max(len(c.token_ids) for c in got) + 1 < 40, len(calls)
+
+
+def test_a_listener_that_left_stops_its_rows_only(tiny):
+    """A streamed chat whose callback returns False at its first piece (a client that
+    disconnected) stops generating; the other chat of the batch gets its whole answer, the one
+    it gets alone. Fails if a gone listener's rows run on to max_new_tokens (the batch's forward
+    passes would be 40 with it alone), or if stopping one row cuts another."""
+    _, model, processor, images = tiny
+    gen = HFGenerator(model, processor)
+    chats, ims = [user_turn(im, PROMPTS[0]) for im in images], [[im] for im in images]
+    s = Sampling(max_new_tokens=40)
+    pieces: list[str] = []
+
+    def leave(choice: int, piece: str) -> bool | None:
+        if not piece:
+            return None  # still there
+        pieces.append(piece)
+        return False
+
+    [alone] = gen.complete(chats[1:], ims[1:], s)
+    calls, remove = _forwards(model)
+    try:
+        gen.complete(chats[:1], ims[:1], s, listeners={0: leave})
+        n_left = len(calls)
+        both = gen.complete(chats, ims, s, listeners={0: leave})
+    finally:
+        remove()
+    assert len(pieces) == 2 and n_left < 30, (pieces, n_left)
+    assert both[1] == alone and len(both[0][0].token_ids) < 30
 
 
 def test_special_tokens_are_added_once():

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -126,6 +127,43 @@ def test_text_pieces_reach_their_own_caller_before_its_result():
     assert one == [(0, "1.0 "), (1, "1.1 "), (0, "1.2 "), 10]
     assert two == 20 and three == [(0, "3.0 "), (1, "3.1 "), (0, "3.2 "), 30]
     assert batcher.batch_sizes == [3, 3] and calls == [False, True]
+
+
+def test_a_caller_that_stops_reading_is_reported_gone_to_the_batch_function():
+    """Two streaming callers in one batch; one closes its stream after its first piece (a client
+    that disconnected). Fails if `emit` keeps reporting it present (its rows would generate on),
+    reports the other one gone, or hands a caller the "" that only asks."""
+    answers: dict[int, list[bool]] = {0: [], 1: []}
+    closed = threading.Event()
+
+    def fn(items: list[int], emit=None) -> list[int]:
+        for k in range(4 if emit else 0):
+            for index in range(len(items)):
+                answers[index].append(emit(index, 0, f"{k} " if k % 2 == 0 else ""))
+            if k == 0:
+                closed.wait(5)
+                time.sleep(0.05)  # the cancel reaches the future on the loop
+        return list(items)
+
+    batcher = Batcher(fn, max_batch_size=8, wait_s=1.0)
+
+    async def leave_after_one(item: int) -> list:
+        items = stream(lambda on_text: batcher.submit(item, on_text))
+        first = await anext(items)
+        await items.aclose()
+        closed.set()
+        return [first]
+
+    async def stay(item: int) -> list:
+        return [x async for x in stream(lambda on_text: batcher.submit(item, on_text))]
+
+    async def main():
+        await asyncio.gather(*(batcher.submit(0) for _ in range(2)))  # then batches of 2
+        return await asyncio.gather(leave_after_one(5), stay(6))
+
+    left, stayed = asyncio.run(main())
+    assert left == [(0, "0 ")] and stayed == [(0, "0 "), (0, "2 "), 6]
+    assert answers == {0: [True, False, False, False], 1: [True, True, True, True]}
 
 
 def test_bad_settings_are_refused():

@@ -60,6 +60,13 @@ def test_child_answers_as_the_in_process_backend(model_dir):
     assert not engine.alive()  # close() ends the child: the pipe's EOF is its signal
 
 
+def _recorder(into: list):
+    def on_text(request: int, choice: int, piece: str) -> None:
+        if piece:  # "" only asks whether the caller is still there
+            into.append((request, choice, piece))
+    return on_text
+
+
 def test_streamed_pieces_cross_the_pipe_as_in_process(model_dir):
     """A batch with one streaming request: the child hands the replica the same pieces, for the
     same request, as the in-process backend. Fails if pieces are dropped, sent for a request that
@@ -68,10 +75,10 @@ def test_streamed_pieces_cross_the_pipe_as_in_process(model_dir):
     requests[1].stream = True
     requests[1].sampling = Sampling(max_new_tokens=32)
     here, there = [], []
-    expected = HFBackend(model_dir, LIMITS).generate(requests, lambda *p: here.append(p))
+    expected = HFBackend(model_dir, LIMITS).generate(requests, _recorder(here))
     engine = EngineProcess("hf", model_dir, LIMITS)
     try:
-        got = engine.generate(requests, lambda *p: there.append(p))
+        got = engine.generate(requests, _recorder(there))
     finally:
         engine.close()
     assert [r.choices for r in got] == [r.choices for r in expected]
@@ -105,3 +112,69 @@ def test_vllm_and_opt_out_keep_the_backend_in_the_replica(model_dir):
     engine = ModelEngine("hf", model_dir, LIMITS, 2, 0.0, engine_process=False)
     assert isinstance(engine.backend, HFBackend)
     engine.check_health()  # nothing to watch
+
+
+def _long(seed: int, question: str, max_new_tokens: int = 150) -> GenRequest:
+    request = _request(seed, question)
+    request.stream, request.sampling = True, Sampling(max_new_tokens=max_new_tokens)
+    return request
+
+
+LONG = LimitsConfig(max_context=256)
+
+
+def test_a_gone_caller_stops_its_request_in_the_child(model_dir):
+    """150-token streamed requests (the random model never ends one early). A caller gone at its
+    first piece, and one gone before any text (found by the replica's probe, every PROBE_S):
+    the child stops generating them; the batch's other request is untouched; a late cancel, for
+    a batch already answered, is not taken for a batch. Fails if a cancel never reaches the child
+    (the requests would run their 150 tokens), or reaches the wrong request, or if the child
+    takes a late cancel for its next batch."""
+    engine = EngineProcess("hf", model_dir, LONG)
+    try:
+        plain = _request(0, "Describe the picture.")
+        expected = engine.generate([plain])[0]
+
+        def gone_at_first_piece(request: int, choice: int, piece: str) -> bool | None:
+            return False if piece else None
+
+        first = engine.generate([plain, _long(1, "Describe the picture.")], gone_at_first_piece)
+        before_text = engine.generate([_long(1, "How many stars are there?")],
+                                      lambda *_: False)[0]
+        engine._send(("cancel", 0))  # late: its batch was answered
+        whole = engine.generate([_long(1, "Describe the picture.")], lambda *_: None)[0]
+    finally:
+        engine.close()
+    assert first[0].choices == expected.choices
+    assert first[1].completion_tokens < 100 and before_text.completion_tokens < 100
+    assert whole.completion_tokens == 150
+
+
+def test_a_closed_stream_stops_its_request_end_to_end(model_dir):
+    """ModelEngine as a replica runs it: stream, read the first piece, close (a client that
+    disconnected). The batch function's result shows the request stopped; the next one runs
+    whole. Fails if closing the stream leaves the request generating (the batcher's submit not
+    cancelled, or emit not reporting it)."""
+    engine = ModelEngine("hf", model_dir, LONG, 4, 0.0)
+    results: list = []
+    generate = engine.batcher.fn
+
+    def recording(*args):
+        results.append(generate(*args))
+        return results[-1]
+
+    engine.batcher.fn = recording
+
+    async def main():
+        items = engine.stream(_long(1, "Describe the picture."))
+        assert isinstance(await anext(items), tuple)  # a (choice, piece)
+        await items.aclose()
+        while not results:
+            await asyncio.sleep(0.05)
+        return [x async for x in engine.stream(_long(1, "Describe the picture."))][-1]
+
+    try:
+        whole = asyncio.run(main())
+    finally:
+        engine.backend.close()
+    assert results[0][0].completion_tokens < 100 and whole.completion_tokens == 150
