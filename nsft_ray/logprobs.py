@@ -23,6 +23,7 @@ __all__ = [
     "IGNORE_INDEX",
     "entropy_from_logits",
     "num_target_tokens",
+    "scored_logprobs",
     "sequence_logprobs",
     "sums_by_sequence",
     "target_mask",
@@ -67,10 +68,17 @@ def token_logprobs(logits: Tensor, labels: Tensor) -> Tensor:
     (float64 if the logits are float64), which keeps bf16 logits from losing precision.
     """
     _check_logits_labels(logits, labels)
-    pred = _predicting_logits(logits)
-    mask = target_mask(labels)
-    index = labels[:, 1:].masked_fill(~mask, 0)  # any valid index; masked out below
-    out_dtype = torch.promote_types(logits.dtype, torch.float32)
+    return scored_logprobs(_predicting_logits(logits), labels[:, 1:])
+
+
+def scored_logprobs(pred: Tensor, targets: Tensor) -> Tensor:
+    """log p(target) from the logits that predict it, already aligned: pred (B, K, V) and targets
+    (B, K), -100 where nothing is scored -> (B, K), 0 there. `token_logprobs` is this on the
+    shifted (B, T - 1) pair; a forward that kept only the scoring positions' logits
+    (`logits_to_keep`) calls it on those."""
+    mask = targets != IGNORE_INDEX
+    index = targets.masked_fill(~mask, 0)  # any valid index; masked out below
+    out_dtype = torch.promote_types(pred.dtype, torch.float32)
     picked = pred.gather(-1, index.unsqueeze(-1)).squeeze(-1).to(out_dtype)
     log_norm = torch.stack([torch.logsumexp(row.to(out_dtype), dim=-1) for row in pred])
     return (picked - log_norm).masked_fill(~mask, 0.0)

@@ -329,8 +329,10 @@ def trainer_roles(algo: str, cfg: Config, shape: ModelShape) -> dict[str, RolePl
     seqs = train.micro_batch_size * (2 if algo in ("dpo", "reward") else 1)
     act = (lm_activation_bytes(seqs, train.max_length, shape, work)
            + _vision_activations(shape, seqs, work))
+    # Logits only where a token is scored (sft.answer_logprobs): never at an image position.
+    scored = max(train.max_length - shape.image_tokens, 1)
     if algo != "reward":  # the reward model scores hidden states; it never computes logits
-        act += logits_bytes(seqs, train.max_length, shape.vocab, work, grad=True)
+        act += logits_bytes(seqs, scored, shape.vocab, work, grad=True)
     per_param = "bf16 mixed precision, 2+2+12" if mixed else f"{cfg.model.dtype}, {p}+{p}+{2 * p}"
     engine = f"{f'ZeRO-{stage}' if ds.enabled else 'DDP'}, {per_param} bytes/param"
     if states.host:
@@ -344,7 +346,7 @@ def trainer_roles(algo: str, cfg: Config, shape: ModelShape) -> dict[str, RolePl
     if (algo == "dpo" and not cfg.dpo.precompute_ref) or (algo == "nsft" and cfg.nsft.kl_coef):
         # algorithms.frozen_copy: a whole copy in model.dtype per worker, never partitioned.
         ref = Memory(parameters=shape.parameters * p,
-                     activations=logits_bytes(seqs, train.max_length, shape.vocab, p, grad=False)
+                     activations=logits_bytes(seqs, scored, shape.vocab, p, grad=False)
                      + inference_bytes(seqs, train.max_length, shape, p))
         roles["reference"] = RolePlan("trainer", n, ref, "frozen copy in every worker")
     return roles

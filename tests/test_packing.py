@@ -117,6 +117,45 @@ def test_packing_with_cached_image_features_gives_the_padded_uncached_loss(tiny)
             p.requires_grad_(True)
 
 
+@pytest.mark.parametrize("pack_tokens", [0, 256], ids=["padded", "packed"])
+def test_answer_logprobs_keep_only_scoring_logits_with_the_full_forwards_values(tiny,
+                                                                                pack_tokens):
+    """The objectives' log-probs (sft, nsft and dpo call `answer_logprobs`): oracle, the full
+    forward's logits through `token_logprobs`. Values and gradients agree; the output layer saw
+    only the positions that score an answer token. Fails if the kept positions are off by one
+    (another token's logits), miss a row's answer, or if logits_to_keep is ignored (the output
+    layer would run over every image and prompt position)."""
+    from nsft_ray.algorithms.sft import answer_logprobs, model_inputs
+    from nsft_ray.logprobs import target_mask, token_logprobs
+
+    model, processor = tiny
+    batch = collate(processor, pack_tokens)
+    positions: list[int] = []
+    hook = model.get_output_embeddings().register_forward_hook(
+        lambda _m, _i, out: positions.append(out.shape[1]))
+
+    def grads(values):
+        model.zero_grad(set_to_none=True)
+        (values * torch.linspace(0.5, 1.5, values.numel()).view_as(values)).sum().backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    try:
+        kept = answer_logprobs(model, batch)
+        kept_grads = grads(kept)
+        full = token_logprobs(model(**model_inputs(batch)).logits, batch["labels"])
+        full_grads = grads(full)
+    finally:
+        hook.remove()
+    length = batch["labels"].shape[1]
+    assert positions == [int(target_mask(batch["labels"]).any(0).sum()), length]
+    assert positions[0] < length / 2  # most positions are image and prompt
+    torch.testing.assert_close(kept, full, atol=1e-6, rtol=1e-5)
+    assert set(kept_grads) == set(full_grads)
+    for name in kept_grads:
+        torch.testing.assert_close(kept_grads[name], full_grads[name], atol=1e-6, rtol=1e-5,
+                                   msg=name)
+
+
 def test_pack_tokens_below_max_length_is_refused():
     with pytest.raises(ConfigError, match=r"train.pack_tokens=64: expected 0 .*max_length=128"):
         load_config(None, ["train.max_length=128", "train.pack_tokens=64"])

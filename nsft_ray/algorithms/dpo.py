@@ -33,7 +33,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from nsft_ray.algorithms.sft import model_inputs
+from nsft_ray.algorithms.sft import answer_logprobs, model_inputs
 from nsft_ray.config import DPOConfig
 from nsft_ray.logprobs import (
     IGNORE_INDEX,
@@ -94,8 +94,8 @@ def _stacked_answer_logps(model: nn.Module, batch: Batch) -> Tensor:
     """Summed answer log-probs (2B,), float32: one forward over the 2B full sequences, padded
     or packed (a packed batch goes without its attention mask: sft.model_inputs)."""
     inputs = {k: v for k, v in model_inputs(batch).items() if k not in REF_COLUMNS}
-    # token_logprobs is 0 off the answer tokens, so a plain sum per sequence is the answer's.
-    return _per_sequence(token_logprobs(model(**inputs).logits, batch["labels"]), batch)
+    # answer_logprobs is 0 off the answer tokens, so a plain sum per sequence is the answer's.
+    return _per_sequence(answer_logprobs(model, batch, inputs), batch)
 
 
 def _shared_prefix_lengths(batch: Batch) -> tuple[Tensor, Tensor, Tensor]:

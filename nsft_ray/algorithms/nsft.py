@@ -15,9 +15,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from nsft_ray.algorithms.sft import model_inputs
+from nsft_ray.algorithms.sft import answer_logprobs, model_inputs
 from nsft_ray.config import NSFTConfig
-from nsft_ray.logprobs import target_mask, token_logprobs
+from nsft_ray.logprobs import target_mask
 from nsft_ray.loop import Batch, Objective
 from nsft_ray.losses import kl_k3
 
@@ -56,13 +56,13 @@ def nsft_objective(cfg: NSFTConfig, reference: nn.Module | None = None) -> Objec
 
     def forward(model: nn.Module, batch: Batch) -> tuple[dict[str, Tensor], dict[str, float]]:
         inputs = model_inputs(batch)
-        logps = token_logprobs(model(**inputs).logits, batch["labels"])  # (B, T-1)
+        logps = answer_logprobs(model, batch, inputs)  # (B, T-1)
         masks = _term_masks(batch)
         sums = {k: -(logps * masks[k]).sum() for k in ("chosen", "negative") if k in weights}
         extra: dict[str, float] = {}
         if "kl" in weights:
             with torch.no_grad():
-                ref_logps = token_logprobs(reference(**inputs).logits, batch["labels"])
+                ref_logps = answer_logprobs(reference, batch, inputs)
             mask = target_mask(batch["labels"])
             sums["kl"] = (kl_k3(logps, ref_logps) * mask).sum()
         return sums, extra

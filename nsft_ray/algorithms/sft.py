@@ -14,11 +14,10 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from nsft_ray.logprobs import num_target_tokens
+from nsft_ray.logprobs import num_target_tokens, scored_logprobs, target_mask
 from nsft_ray.loop import Batch, Objective
-from nsft_ray.losses import sft_loss_sum
 
-__all__ = ["MODELS_RESIDENT", "model_inputs", "sft_objective"]
+__all__ = ["MODELS_RESIDENT", "answer_logprobs", "model_inputs", "sft_objective"]
 
 MODELS_RESIDENT = 1
 # Batch keys that describe the rows rather than feed the model.
@@ -47,9 +46,27 @@ def model_inputs(batch: Batch) -> dict[str, Any]:
     return inputs
 
 
+def answer_logprobs(model: nn.Module, batch: Batch,
+                    inputs: dict[str, Any] | None = None) -> Tensor:
+    """`token_logprobs(model(**inputs).logits, labels)`, (R, T - 1) and 0 off the labelled
+    tokens, with the output layer and its softmax run only at the positions whose logits score a
+    labelled token (`logits_to_keep` as indices): a VLM's image and prompt positions, most of
+    its sequence, would get (T, V) logits only to be masked out.
+
+    The kept positions are those that score a label in any row, so one index serves the batch;
+    their logits are the full forward's, so the values and gradients are the same.
+    """
+    labels = batch["labels"]
+    scored = target_mask(labels).any(0).nonzero().squeeze(1)  # (K,) positions t scoring t + 1
+    logits = model(**(model_inputs(batch) if inputs is None else inputs),
+                   logits_to_keep=scored).logits  # (R, K, V)
+    values = scored_logprobs(logits, labels[:, 1:].index_select(1, scored))  # (R, K)
+    return values.new_zeros(labels.shape[0], labels.shape[1] - 1).index_copy(1, scored, values)
+
+
 def _token_nll_sum(model: nn.Module, batch: Batch) -> dict[str, Tensor]:
-    total, _ = sft_loss_sum(model(**model_inputs(batch)).logits, batch["labels"])
-    return {"sft": total}
+    # = sft_loss_sum(model(**model_inputs(batch)).logits, labels), without the unscored logits.
+    return {"sft": -answer_logprobs(model, batch).sum()}
 
 
 def sft_objective() -> Objective:
