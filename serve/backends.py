@@ -19,8 +19,10 @@ imported only when a backend is built.
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import aclosing
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -186,10 +188,16 @@ class VLLMBackend:
         self.prompts = _Prompts(self.gen.processor)
         self.context_length = context_length
         self._ids = itertools.count()
+        # The context check encodes each prompt and image (milliseconds) off the event loop,
+        # which meanwhile hands vLLM's outputs to the other requests. One thread: a fast
+        # tokenizer used by two threads at once fails ("Already borrowed").
+        self._prompt_thread = ThreadPoolExecutor(max_workers=1,
+                                                 thread_name_prefix="vllm-context-check")
 
     async def stream(self, request: GenRequest) -> AsyncIterator:
         """(choice, text piece)s while `request` is generated, then its GenResult or ApiError."""
-        ok, errors = self.prompts.prepare([request], self.context_length)
+        ok, errors = await asyncio.get_running_loop().run_in_executor(
+            self._prompt_thread, self.prompts.prepare, [request], self.context_length)
         if errors:
             yield errors[0]
             return
@@ -207,6 +215,7 @@ class VLLMBackend:
 
     def close(self) -> None:
         self.gen.close()
+        self._prompt_thread.shutdown(wait=False)
 
 
 BACKENDS: dict[str, type] = {"hf": HFBackend, "vllm": VLLMBackend}

@@ -9,6 +9,7 @@ import asyncio
 import os
 import random
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -109,11 +110,22 @@ def test_a_request_joins_the_running_batch(engines):
     assert ("piece", id(long)) in log[log.index(("done", id(short))):]  # long went on after
 
 
-def test_prompt_over_the_context_is_a_400_for_that_request(engines):
+def test_prompt_over_the_context_is_a_400_for_that_request(engines, monkeypatch):
+    """The check refuses it, and encodes off the event loop's thread (which meanwhile serves
+    vLLM's outputs to the other requests). Fails if the check is skipped or runs on the loop."""
     loop, vllm_backend, _ = engines
+    threads: list[str] = []
+    prepare = vllm_backend.prompts.prepare
+
+    def recording(*args):
+        threads.append(threading.current_thread().name)
+        return prepare(*args)
+
+    monkeypatch.setattr(vllm_backend.prompts, "prepare", recording)
     result = loop.run_until_complete(vllm_backend.generate(_request(0, "word " * 300)))
     assert not isinstance(result, GenResult)
     assert result.status == 400 and result.code == "context_length_exceeded"
+    assert len(threads) == 1 and threads[0].startswith("vllm-context-check")
 
 
 def test_an_abandoned_stream_leaves_the_engine(engines):
