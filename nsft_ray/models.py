@@ -62,7 +62,7 @@ class _DefaultIdefics3Warning(logging.Filter):
     even when INFO is off: its repr diffs the config against a default `Idefics3Config()`, whose
     default Llama text config (vocabulary 32,000) holds Idefics3's default pad id 128,002, and
     validating that throw-away default warns. The loaded config is not the one warned about (the
-    demo's console had this line 15 times). A loaded config with a bad token id has another
+    demo's console had this line 19 times). A loaded config with a bad token id has another
     vocabulary size or id, so it still warns (tests/test_models.py).
     """
 
