@@ -15,7 +15,6 @@ gradients equal).
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import tempfile
@@ -25,7 +24,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
-from bench_plan import _rows, build_assets, peak_bytes  # noqa: E402
+from bench_plan import _rows, build_assets, peak_bytes, write_report  # noqa: E402
 
 
 def _step(model, batch, scored_only: bool) -> None:
@@ -93,10 +92,7 @@ def main() -> None:
     for r in results:
         print(f"| {r['vocab']} | {r['rows']} | {r['shape'][0]} x {r['shape'][1]} | {r['logits']} "
               f"| {r['s_per_step']:.4f} | {r['peak_bytes'] / 2**20:.1f} |")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"config": {k: str(v) for k, v in vars(args).items()},
-                                    "results": results}, indent=2))
-    print(f"wrote {args.out}")
+    write_report(args, results)
 
 
 if __name__ == "__main__":

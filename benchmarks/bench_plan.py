@@ -227,6 +227,11 @@ def main() -> None:
         results = [r for size in args.sizes
                    for r in measure(size, Path(tmp), args.batch, args.max_new_tokens)]
     print(table(results))
+    write_report(args, results)
+
+
+def write_report(args: argparse.Namespace, results: list[dict]) -> None:
+    """args.out: the arguments (as strings) and the results, as JSON."""
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"config": {k: str(v) for k, v in vars(args).items()},
                                     "results": results}, indent=2))

@@ -93,12 +93,17 @@ class EngineProcess:
         it asks `on_text` every PROBE_S whether each streaming request's caller is still there
         (a piece ""); for one that has gone, a cancel goes to the child."""
         cancelled: set[int] = set()
+
+        def deliver(request: int, choice: int = 0, piece: str = "") -> None:
+            """Hand `on_text` the piece; cancel the request in the child if its caller left."""
+            if on_text(request, choice, piece) is False and request not in cancelled:
+                cancelled.add(request)
+                self._send(("cancel", request))
+
         while True:
             while streaming and not self._conn.poll(PROBE_S):
                 for request in set(streaming) - cancelled:
-                    if on_text(request, 0, "") is False:
-                        cancelled.add(request)
-                        self._send(("cancel", request))
+                    deliver(request)
             try:
                 status, payload = self._conn.recv()
             except EOFError:
@@ -107,9 +112,8 @@ class EngineProcess:
                 raise payload
             if status != "text":
                 return payload
-            if on_text is not None and on_text(*payload) is False and payload[0] not in cancelled:
-                cancelled.add(payload[0])
-                self._send(("cancel", payload[0]))
+            if on_text is not None:
+                deliver(*payload)
 
     def _send(self, message: tuple) -> None:
         try:
