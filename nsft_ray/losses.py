@@ -18,8 +18,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from nsft_ray.logprobs import target_mask, token_logprobs
-
 Metrics = dict[str, Tensor]
 
 __all__ = [
@@ -40,8 +38,6 @@ __all__ = [
     "masked_sum",
     "ppo_policy_loss",
     "ppo_value_loss",
-    "sft_loss",
-    "sft_loss_sum",
     "whiten",
 ]
 
@@ -78,34 +74,6 @@ def whiten(x: Tensor, mask: Tensor, shift_mean: bool = True, eps: float = 1e-8) 
     if not shift_mean:
         out = out + mean
     return out * mask.to(x.dtype)
-
-
-# --------------------------------------------------------------------------- SFT
-
-
-def sft_loss_sum(logits: Tensor, labels: Tensor) -> tuple[Tensor, Metrics]:
-    """Summed token cross-entropy, -sum_t log p(y_t | y_<t), over labelled tokens.
-
-    For gradient accumulation: count `num_target_tokens(labels)` over every micro-batch of an
-    optimizer step first, then backpropagate `sft_loss_sum(mb) / total_tokens` per micro-batch.
-    The accumulated gradient then equals a token-mean over the whole step, however the tokens are
-    split (averaging per-micro-batch means would weight short micro-batches up).
-    logits (B, T, V) and labels (B, T) unshifted, as Hugging Face causal LMs take them.
-    """
-    mask = target_mask(labels)
-    total = -token_logprobs(logits, labels).sum()  # -100 positions are already 0
-    return total, {"loss_sum": total.detach(), "num_tokens": mask.sum()}
-
-
-def sft_loss(logits: Tensor, labels: Tensor) -> tuple[Tensor, Metrics]:
-    """Mean token cross-entropy over labelled tokens (labels != -100), shifted for causal LM.
-
-    Equals Hugging Face's `model(input_ids, labels=labels).loss` (ForCausalLMLoss, mean reduction),
-    except that a batch with no labelled token gives 0 instead of NaN (`num_tokens` says so).
-    """
-    total, metrics = sft_loss_sum(logits, labels)
-    loss = total / metrics["num_tokens"].clamp(min=1)
-    return loss, {"loss": loss.detach(), "num_tokens": metrics["num_tokens"]}
 
 
 # --------------------------------------------------------------------------- KL to a reference

@@ -7,6 +7,7 @@
 
 import math
 import time
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -145,6 +146,44 @@ def test_sft_step_equals_hugging_face_loss():
     model, _, _, _ = run(sft_objective(), micro=8, accum=1, steps=1, sgd=True)
     for got, want in zip(model.parameters(), stepped, strict=True):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+class _UniformLM(torch.nn.Module):
+    """Logits all 0 over a vocabulary of 2 (p = 1/2 for every token), at the positions asked."""
+
+    def __init__(self):
+        super().__init__()
+        self.scale = torch.nn.Parameter(torch.ones(()))
+
+    def forward(self, input_ids, logits_to_keep, **_):
+        logits = torch.zeros(input_ids.shape[0], len(logits_to_keep), 2) * self.scale
+        return SimpleNamespace(logits=logits)
+
+
+def test_sft_objective_by_hand():
+    """V = 2, uniform logits: every labelled token costs log 2, and only labelled tokens count
+    (row 0 has 2 of them, row 1 has 3; the first position is never a target)."""
+    labels = torch.tensor([[-100, 1, 0, -100], [0, 1, 1, 1]])
+    batch = {"input_ids": labels.clamp(min=0), "labels": labels}
+    sums, _ = sft_objective().forward(_UniformLM(), batch)
+    assert sft_objective().count(batch) == {"sft": 5.0}
+    assert float(sums["sft"]) == pytest.approx(5 * math.log(2.0), rel=1e-6)
+
+
+def test_step_without_labelled_tokens_is_zero_not_nan():
+    """A step whose rows have no labelled token (every answer cut by max_length) logs loss 0,
+    not NaN, and leaves the weights where they were."""
+    model = tiny_lm()
+    before = [p.detach().clone() for p in model.parameters()]
+    data = [(ids, torch.full_like(labels, -100), neg) for ids, labels, neg in rows(4)]
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    engine = TorchEngine(model, opt, make_scheduler(opt, OPT, 1), OPT.max_grad_norm)
+    logs = []
+    fit(sft_objective(), engine, epochs_of(data, 4), total_steps=1, grad_accum=1,
+        hooks=Hooks(log=logs.append, log_every=1))
+    assert logs[0]["train/loss"] == 0.0
+    for a, b in zip(model.parameters(), before, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
 def test_resume_equals_uninterrupted(tmp_path):

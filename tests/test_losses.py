@@ -4,11 +4,9 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from nsft_ray.logprobs import (
     IGNORE_INDEX,
-    num_target_tokens,
     sequence_logprobs,
     target_mask,
     token_logprobs,
@@ -31,8 +29,6 @@ from nsft_ray.losses import (
     masked_sum,
     ppo_policy_loss,
     ppo_value_loss,
-    sft_loss,
-    sft_loss_sum,
     whiten,
 )
 
@@ -97,81 +93,6 @@ def test_whiten_gives_mean_zero_std_one_over_mask():
     close(w_keep[mask].std(), 1.0, tol=1e-5)
     with pytest.raises(ValueError, match="at least 2"):
         whiten(x, torch.zeros_like(mask))
-
-
-# --------------------------------------------------------------------------- SFT / nSFT
-
-
-def test_sft_loss_by_hand():
-    """V = 2, uniform logits: every labelled token costs log 2, whatever the count."""
-    logits = torch.zeros(2, 4, 2)
-    labels = torch.tensor([[IGNORE_INDEX, 1, 0, IGNORE_INDEX], [0, 1, 1, 1]])
-    loss, metrics = sft_loss(logits, labels)
-    close(loss, LOG2)
-    assert int(metrics["num_tokens"]) == 5  # 2 in row 0 (labels 1, 0), 3 in row 1
-    total, metrics = sft_loss_sum(logits, labels)
-    close(total, 5 * LOG2)
-
-
-def test_sft_loss_equals_cross_entropy_and_hf_loss():
-    model = tiny_llama(seed=0)
-    g = torch.Generator().manual_seed(0)
-    input_ids = torch.randint(2, 50, (3, 12), generator=g)
-    labels = input_ids.clone()
-    labels[:, :4] = IGNORE_INDEX  # prompt
-    labels[2, 9:] = IGNORE_INDEX  # padding
-    out = model(input_ids=input_ids, labels=labels)
-    ours, _ = sft_loss(out.logits, labels)
-    close(ours, out.loss, tol=1e-6)
-    reference = F.cross_entropy(
-        out.logits[:, :-1].reshape(-1, 50), labels[:, 1:].reshape(-1), ignore_index=IGNORE_INDEX
-    )
-    close(ours, reference, tol=1e-6)
-
-
-def test_sft_loss_without_labelled_tokens_is_zero_not_nan():
-    logits = torch.randn(1, 3, 5, requires_grad=True)
-    labels = torch.full((1, 3), IGNORE_INDEX)
-    loss, metrics = sft_loss(logits, labels)
-    assert float(loss.detach()) == 0.0 and int(metrics["num_tokens"]) == 0
-    loss.backward()  # still attached to the graph, so a loop can call backward blindly
-    assert (logits.grad == 0).all()
-
-
-def test_grad_accumulation_8x1_equals_1x8():
-    """Summed losses / total tokens over 8 micro-batches of 1 row give the gradient of one batch
-    of 8; averaging per-micro-batch means (rows have 1..8 labelled tokens) does not."""
-    model = tiny_llama(seed=1)
-    g = torch.Generator().manual_seed(1)
-    input_ids = torch.randint(2, 50, (8, 10), generator=g)
-    labels = input_ids.clone()
-    for row in range(8):
-        labels[row, : 9 - row - 1] = IGNORE_INDEX  # row r trains on r + 1 tokens
-
-    def grads():
-        return [p.grad.clone() for p in model.parameters()]
-
-    model.zero_grad()
-    sft_loss(model(input_ids=input_ids).logits, labels)[0].backward()
-    full_batch = grads()
-
-    model.zero_grad()
-    total_tokens = num_target_tokens(labels)  # counted before any backward, as a loop would
-    for row in range(8):
-        mb = slice(row, row + 1)
-        loss_sum, _ = sft_loss_sum(model(input_ids=input_ids[mb]).logits, labels[mb])
-        (loss_sum / total_tokens).backward()
-    accumulated = grads()
-    for a, b in zip(accumulated, full_batch, strict=True):
-        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
-
-    model.zero_grad()
-    for row in range(8):
-        mb = slice(row, row + 1)
-        (sft_loss(model(input_ids=input_ids[mb]).logits, labels[mb])[0] / 8).backward()
-    mean_of_means = grads()
-    pairs = zip(mean_of_means, full_batch, strict=True)
-    assert not all(torch.allclose(a, b, atol=1e-6) for a, b in pairs)
 
 
 # --------------------------------------------------------------------------- KL estimators

@@ -65,7 +65,8 @@ def answer_logprobs(model: nn.Module, batch: Batch,
 
 
 def _token_nll_sum(model: nn.Module, batch: Batch) -> dict[str, Tensor]:
-    # = sft_loss_sum(model(**model_inputs(batch)).logits, labels), without the unscored logits.
+    # The summed token cross-entropy, -sum_t log p(y_t | y_<t) over labelled tokens; the loop
+    # divides it by the step's token count (tests/test_loop.py: by hand, and against HF's loss).
     return {"sft": -answer_logprobs(model, batch).sum()}
 
 
