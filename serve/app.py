@@ -99,8 +99,11 @@ class HandleEngine:
                 ended = not isinstance(item, tuple)  # the result comes after the (choice, piece)s
                 yield item
         finally:
-            if not ended:  # a client that disconnected: cancelling the call closes the
-                response.cancel()  # replica's generator, which stops the request there
+            # A client that disconnected: cancelling the call closes the replica's generator,
+            # which stops the request there. Ray Serve also cancels the handle calls of a request
+            # it cancels (the HTTP path); this covers a stream closed while its request lives.
+            if not ended:
+                response.cancel()
 
 
 @serve.deployment

@@ -204,6 +204,65 @@ def test_gateway_layout_answers_as_the_direct_one(server, model_dir):
         serve.delete("gateway")
 
 
+class _CountingModel:
+    """A model deployment that streams one piece every 20 ms, up to 500, and writes how many it
+    sent, and whether its stream was closed before the end, to `record` when the stream ends."""
+
+    def __init__(self, record: str) -> None:
+        self.record = record
+
+    async def stream(self, request):
+        import asyncio
+
+        sent, closed = 0, True
+        try:
+            while sent < 500:
+                yield (0, "x")
+                sent += 1
+                await asyncio.sleep(0.02)
+            closed = False
+        finally:
+            Path(self.record).write_text(json.dumps({"sent": sent, "closed": closed}))
+
+
+def test_a_client_that_leaves_stops_the_model_behind_the_gateway(server, tmp_path):
+    """The gateway layout's hop (HandleEngine): a streaming client that disconnects after its
+    first event must close the model replica's stream, so the replica stops generating. Two
+    things close it: Ray Serve cancels a cancelled request's handle calls, and HandleEngine
+    cancels its call when its stream ends early (removing either alone still passes here).
+    Fails if the model's stream outlives the client (it would send all 500 pieces)."""
+    import time
+
+    import httpx
+    import ray.cloudpickle
+    from ray import serve
+
+    from serve.app import Gateway
+    from serve.config import LimitsConfig
+
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the replica lacks tests/
+    record = tmp_path / "record.json"
+    model = serve.deployment(_CountingModel).bind(str(record))
+    serve.run(Gateway.bind({"counting": model}, LimitsConfig(), ""), name="leave",
+              route_prefix="/leave")
+    try:
+        body = {"model": "counting", "messages": _messages(_image(0)[0]), "stream": True,
+                "max_tokens": 500}
+        with httpx.stream("POST", f"{server}/leave/v1/chat/completions", json=body,
+                          timeout=60) as response:
+            assert response.status_code == 200
+            lines = response.iter_lines()
+            assert next(lines).startswith("data: ")  # the first event: the model is streaming
+        for _ in range(300):  # the replica writes the record when its stream ends
+            if record.exists():
+                break
+            time.sleep(0.1)
+        result = json.loads(record.read_text())
+        assert result["closed"] and result["sent"] < 250, result
+    finally:
+        serve.delete("leave")
+
+
 @pytest.mark.vllm
 @pytest.mark.slow
 def test_vllm_backend_through_the_same_route(server, model_dir):
