@@ -72,7 +72,9 @@ def ensure_ray(address: str = "", num_cpus: int | None = None) -> None:
     # view shows no free CPU. The embedded Ray runs one stage at a time, and the CPUs it sees
     # taken are the last stage's (a Train run's placement group, finished tasks), which Ray's view
     # shows as free a moment later: a false alarm (the demo printed it in most runs).
-    logging.getLogger(RAY_DATA_DATASET).addFilter(_DropMessage(NO_FREE_CPUS))
+    dataset_logger = logging.getLogger(RAY_DATA_DATASET)
+    if not any(isinstance(f, _DropMessage) for f in dataset_logger.filters):  # once per process
+        dataset_logger.addFilter(_DropMessage(NO_FREE_CPUS))
     # address="local": always a new embedded instance, never a stray one another process started.
     ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, runtime_env=env,
              logging_level=logging.WARNING)
