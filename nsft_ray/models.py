@@ -126,6 +126,10 @@ SIZES = {
     "tiny": _Size(512, 128, 4, 4, 512, 128, 2, 4, 256),  # ~1.6M parameters
     "mini": _Size(512, 256, 4, 8, 1024, 128, 2, 4, 256),  # ~4.6M: the tiny tower, a wider LM
     "small": _Size(2048, 512, 8, 8, 1536, 384, 4, 6, 1536),  # ~36M parameters
+    # ~1.2B: a TinyLlama-shaped LM (2048 wide, 22 layers, MLP 5632) and a SigLIP-base-shaped
+    # tower, for GPU throughput (benchmarks/bench_gpu.py); the small corpus keeps the vocabulary
+    # small, so nearly all of it is the LM body.
+    "1b": _Size(8192, 2048, 22, 16, 5632, 768, 12, 12, 3072),
 }
 PATCH_SIZE = 16
 IDEFICS3_SCALE = 2  # pixel shuffle: (64/16)^2 patches / 2^2 = 4 image tokens per 64 px image
