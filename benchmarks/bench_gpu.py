@@ -13,12 +13,13 @@ torch AdamW states in bf16, no autocast), the model moved to `--device`, `loop.f
 `TorchEngine`, the padded collator, `--batch` rows per step in row order, grad-norm clip 1.0.
 
 Timing: the device is synchronised at the end of every step (`on_step`); the first `--warmup`
-steps are excluded. FLOPs: `FlopCounterMode` over forward + backward of the objective on each
-distinct batch shape of the timed steps, after the run (matmuls and attention: the flash,
-memory-efficient and cuDNN SDPA kernels are in its table; elementwise ops and the optimizer are
-not counted). The limit: the best of `--reps` square matmuls in `--dtype` on the device (8192 on
-a GPU), timed with the device synchronised. MFU = achieved FLOP/s / that limit, and against the
-nominal `--peak-tflops` (790: the H200's bf16 matmul as measured on this workplace's machines).
+steps are excluded. FLOPs: bench_train's `flops_by_shape` (`FlopCounterMode` over forward +
+backward of the objective, once per distinct batch shape of the timed steps, after the run):
+matmuls and attention (torch's table has the CUDA SDPA kernels, bench_train adds CPU's); not
+elementwise ops or the optimizer. The limit: the best of `--reps` square matmuls in `--dtype`
+on the device (8192 on a GPU), timed with the device synchronised. MFU = achieved FLOP/s / that
+limit, and against the nominal `--peak-tflops` (790: the H200's bf16 matmul as measured on this
+workplace's machines).
 """
 
 from __future__ import annotations
@@ -36,9 +37,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
-from bench_train import CONVERSATIONS, _counts, _epoch_batches, _rows, prepare_assets  # noqa: E402
+from bench_train import (  # noqa: E402
+    CONVERSATIONS,
+    _counts,
+    _epoch_batches,
+    _rows,
+    flops_by_shape,
+    prepare_assets,
+)
 
-__all__ = ["count_flops", "matmul_limit", "run_size", "main"]
+__all__ = ["matmul_limit", "run_size", "main"]
 
 DEFAULT_BATCH = {"tiny": 8, "small": 64, "1b": 32}
 
@@ -65,29 +73,6 @@ def matmul_limit(device: torch.device, dtype: torch.dtype, reps: int) -> dict[st
             best = min(best, time.perf_counter() - start)
         by_size[str(n)] = 2 * n**3 / best
     return {"flops_per_s": max(by_size.values()), "by_size": by_size, "reps": reps}
-
-
-def count_flops(model: torch.nn.Module, objective: Any, batches: list[dict],
-                device: torch.device) -> list[int]:
-    """FLOPs of forward + backward of `objective` on each batch (counted once per shape)."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    from nsft_ray.loop import _to_device
-
-    by_shape: dict[tuple, int] = {}
-    out = []
-    for batch in batches:
-        key = tuple(sorted((k, tuple(v.shape)) for k, v in batch.items()
-                           if isinstance(v, torch.Tensor)))
-        if key not in by_shape:
-            model.zero_grad(set_to_none=True)
-            with FlopCounterMode(display=False) as counter:
-                sums, _ = objective.forward(model, _to_device(batch, device))
-                sum(sums.values()).backward()
-            by_shape[key] = counter.get_total_flops()
-        out.append(by_shape[key])
-    model.zero_grad(set_to_none=True)
-    return out
 
 
 def _train(cfg: Any, assets: Path, args: argparse.Namespace, batch: int,
@@ -131,7 +116,7 @@ def _train(cfg: Any, assets: Path, args: argparse.Namespace, batch: int,
     timed = seen[args.warmup:total]
     return {"parameters": param_count(model), "step_seconds": step_seconds,
             "losses": [m["train/loss"] for m in logs], "peak_allocated_bytes": peak,
-            "flops_per_step": count_flops(model, objective, timed, device),
+            "flops_per_step": flops_by_shape(model, objective, timed, device)[0],
             "tokens": [_counts(b) for b in timed]}
 
 

@@ -102,15 +102,15 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
 if __package__ in (None, ""):  # run as a script: make the repository's packages importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-__all__ = ["METHODS", "prepare_assets", "run_one", "measure", "run_bench", "markdown_table",
-           "main"]
+__all__ = ["METHODS", "flops_by_shape", "prepare_assets", "run_one", "measure", "run_bench",
+           "markdown_table", "main"]
 
 METHODS = ("nsft", "ray_zero0", "ray_zero2", "trl_sft")
 NOTES = {
@@ -638,11 +638,33 @@ def _run_flops(assets: Path, args: argparse.Namespace) -> dict[str, Any]:
         torch.set_num_threads(threads)
 
 
-def _count_flops(assets: Path, args: argparse.Namespace) -> dict[str, Any]:
-    """The matmul limit, then FLOPs of forward + backward on each step's batch (once per shape)."""
+def flops_by_shape(model: Any, objective: Any, batches: Iterable[dict],
+                   device: str | Any = "cpu") -> tuple[list[int], dict[tuple, dict[str, int]]]:
+    """FLOPs of forward + backward of `objective` on each batch, counted once per batch shape
+    with FlopCounterMode (CPU SDPA added to its table); also each shape's counts per op."""
     from torch import Tensor
     from torch.utils.flop_counter import FlopCounterMode
 
+    from nsft_ray.loop import _to_device
+
+    by_shape: dict[tuple, dict[str, int]] = {}
+    per_step: list[int] = []
+    for batch in batches:
+        key = tuple(sorted((k, tuple(v.shape)) for k, v in batch.items() if isinstance(v, Tensor)))
+        if key not in by_shape:
+            model.zero_grad(set_to_none=True)
+            with FlopCounterMode(display=False, custom_mapping=_cpu_sdpa_flops()) as counter:
+                sums, _ = objective.forward(model, _to_device(batch, device))
+                sum(sums.values()).backward()
+            by_shape[key] = {str(op): int(n) for op, n in
+                             counter.get_flop_counts()["Global"].items()}
+        per_step.append(sum(by_shape[key].values()))
+    model.zero_grad(set_to_none=True)
+    return per_step, by_shape
+
+
+def _count_flops(assets: Path, args: argparse.Namespace) -> dict[str, Any]:
+    """The matmul limit, then FLOPs of forward + backward on each step's batch (once per shape)."""
     from nsft_ray.algorithms import ALGORITHMS
     from nsft_ray.models import load_vlm
 
@@ -652,19 +674,10 @@ def _count_flops(assets: Path, args: argparse.Namespace) -> dict[str, Any]:
     model.train()
     objective = ALGORITHMS["nsft"].objective(cfg, model, "cpu")
     collate = ALGORITHMS["nsft"].collate(processor, cfg)
-    by_shape: dict[tuple, dict[str, int]] = {}
-    per_step: list[int] = []
     start = time.perf_counter()
-    for batch in _first_batches(_rows(assets), collate, args.batch, args.warmup + args.steps):
-        key = tuple(sorted((k, tuple(v.shape)) for k, v in batch.items() if isinstance(v, Tensor)))
-        if key not in by_shape:
-            model.zero_grad(set_to_none=True)
-            with FlopCounterMode(display=False, custom_mapping=_cpu_sdpa_flops()) as counter:
-                sums, _ = objective.forward(model, batch)
-                sum(sums.values()).backward()
-            by_shape[key] = {str(op): int(n) for op, n in
-                             counter.get_flop_counts()["Global"].items()}
-        per_step.append(sum(by_shape[key].values()))
+    per_step, by_shape = flops_by_shape(
+        model, objective, _first_batches(_rows(assets), collate, args.batch,
+                                         args.warmup + args.steps))
     first = next(iter(by_shape.values()))
     return {"matmul_limit": limit, "flops_per_step": per_step, "distinct_shapes": len(by_shape),
             "first_batch_flops_by_op": first, "count_seconds": time.perf_counter() - start,
