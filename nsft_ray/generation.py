@@ -341,8 +341,8 @@ class _RowStops:
     """
 
     def __init__(self, streams: Mapping[int, TextStream],
-                 send: Callable[[int, str], bool | None], rows: int) -> None:
-        self.streams, self.send, self.rows = streams, send, rows
+                 send: Callable[[int, str], bool | None]) -> None:
+        self.streams, self.send = streams, send
         self.left: set[int] = set()  # rows whose listener has gone
 
     def __call__(self, input_ids: Tensor, scores: Any, **kwargs: Any) -> Tensor:
@@ -357,7 +357,7 @@ class _RowStops:
                 stream.done = True
                 self.left.add(row)
         return torch.tensor([row in self.streams and self.streams[row].done
-                             for row in range(self.rows)], device=input_ids.device)
+                             for row in range(input_ids.shape[0])], device=input_ids.device)
 
     def cut(self, rows: list[list[int]]) -> list[list[int]]:
         """Each finished row's ids up to the token that finished it (the padding after it is not
@@ -463,7 +463,7 @@ class HFGenerator:
             kept = [listeners[chat](c, piece) for c in (range(s.n) if s.greedy else (choice,))]
             return not all(keep is False for keep in kept)
 
-        stops = _RowStops(streams, send, len(chats) * k) if streams else None
+        stops = _RowStops(streams, send) if streams else None
         rows = self.token_ids(encode_chats(self.processor, chats, images), s, stops)
         completions = [self._completion(ids, s.stop) for ids in rows]
         for row, stream in streams.items():
