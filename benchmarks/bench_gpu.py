@@ -131,7 +131,8 @@ def run_size(size: str, root: Path, args: argparse.Namespace, device: torch.devi
     build_seconds = time.perf_counter() - build_start
     cfg = load_config(None, [
         f"model.name_or_path={root / 'model'}", f"model.dtype={args.dtype}",
-        f"run.seed={args.seed}", f"train.data=[{root / CONVERSATIONS}]",
+        f"model.attn_implementation={args.attn_implementation}", f"run.seed={args.seed}",
+        f"train.data=[{root / CONVERSATIONS}]",
         f"train.micro_batch_size={batch}", "train.grad_accum=1",
         f"train.max_length={args.max_length}", f"train.max_steps={args.warmup + args.steps}",
         "train.shuffle=false", f"optim.lr={args.lr}", "optim.schedule=constant",
@@ -143,6 +144,7 @@ def run_size(size: str, root: Path, args: argparse.Namespace, device: torch.devi
     achieved = flops / seconds
     return {
         "size": size, "parameters": run["parameters"], "batch": batch,
+        "attn_implementation": args.attn_implementation or "sdpa",
         "assets": prepared, "build_seconds": build_seconds,
         "timed_steps": args.steps, "warmup_steps": args.warmup,
         "seconds_per_step": seconds / args.steps,
@@ -190,6 +192,9 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--reps", type=int, default=10, help="timed matmuls for the limit")
     p.add_argument("--peak-tflops", type=float, default=790.0)
+    p.add_argument("--attn-implementation", default="",
+                   help="model.attn_implementation (default: transformers' sdpa; "
+                        "flash_attention_2 needs the flash-attn package)")
     p.add_argument("--out", type=Path)
     return p.parse_args(argv)
 

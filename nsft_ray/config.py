@@ -150,6 +150,11 @@ class ModelConfig:
     # "connector" (the projector), e.g. [vision] as in LLaVA's second stage. On the from-scratch
     # tiny VLM, freezing both let the base learn to see, which a trained tower blocked (README).
     freeze: tuple[Literal["vision", "connector"], ...] = ()
+    # The attention kernel of the trained model (sft, nsft, dpo, reward); "" is transformers'
+    # default (sdpa). "flash_attention_2" on GPUs with the flash-attn package: packed rows
+    # (train.pack_tokens) then run varlen flash attention, the sequence boundaries read from
+    # their restarting position_ids. "eager" is the plain matmul-softmax reference.
+    attn_implementation: str = ""
 
 
 @dataclass(frozen=True)

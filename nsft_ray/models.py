@@ -277,9 +277,11 @@ _BUILDERS = {"idefics3": _build_idefics3, "llava": _build_llava}
 
 
 def load_vlm(
-    name_or_path: str | Path, *, dtype: str = "float32", device: str = "cpu"
+    name_or_path: str | Path, *, dtype: str = "float32", device: str = "cpu",
+    attn_implementation: str = "",
 ) -> tuple[PreTrainedModel, ProcessorMixin]:
-    """Load a VLM and its processor (a local folder, or a hub id where a hub is reachable)."""
+    """Load a VLM and its processor (a local folder, or a hub id where a hub is reachable);
+    `attn_implementation` ("" for transformers' default) applies to every sub-model."""
     if dtype not in DTYPES:
         raise ValueError(f"dtype={dtype!r}: expected one of {', '.join(DTYPES)}")
     name = str(name_or_path)
@@ -297,9 +299,17 @@ def load_vlm(
             f"{name} is a {config.model_type!r} model, not an image-text-to-text VLM "
             "(expected e.g. idefics3, llava, qwen2_vl)"
         )
-    model = AutoModelForImageTextToText.from_pretrained(name, dtype=DTYPES[dtype]).to(device)
+    attention = {"attn_implementation": attn_implementation} if attn_implementation else {}
+    try:
+        model = AutoModelForImageTextToText.from_pretrained(name, dtype=DTYPES[dtype],
+                                                            **attention)
+    except (ValueError, ImportError) as e:
+        if not attention:
+            raise
+        raise ValueError(f"model.attn_implementation={attn_implementation!r} cannot load {name} "
+                         f"here: {e}") from e
     processor = AutoProcessor.from_pretrained(name)
-    return model.eval(), processor
+    return model.to(device).eval(), processor
 
 
 # model.freeze parts -> where Idefics3, LLaVA and Qwen2-VL keep them (the first path that exists).
@@ -411,13 +421,14 @@ def save_value_model(
 
 
 def load_value_model(
-    path: str | Path, *, dtype: str = "float32", device: str = "cpu"
+    path: str | Path, *, dtype: str = "float32", device: str = "cpu", attn_implementation: str = ""
 ) -> tuple[VLMWithValueHead, ProcessorMixin]:
     """Load what save_value_model wrote; the folder must hold value_head.safetensors."""
     head_file = Path(path) / VALUE_HEAD_FILE
     if not head_file.is_file():
         raise FileNotFoundError(f"{head_file} does not exist: {path} is not a saved value model")
-    base, processor = load_vlm(path, dtype=dtype, device=device)
+    base, processor = load_vlm(path, dtype=dtype, device=device,
+                               attn_implementation=attn_implementation)
     head = ValueHead(base.config.get_text_config().hidden_size)
     head.load_state_dict(load_file(str(head_file)))
     return VLMWithValueHead(base, head.to(device)).eval(), processor

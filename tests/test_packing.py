@@ -270,3 +270,31 @@ def test_packed_pairs_give_the_padded_reward_loss_and_gradients(tiny):
     padded, packed = pair_collate(processor, 0), pair_collate(processor, 128 + 64)
     assert packed["input_ids"].shape[0] < 6
     assert_same(terms(scorer, objective, packed), terms(scorer, objective, padded))
+
+
+def test_packed_rows_under_the_configured_eager_kernel_give_the_padded_sdpa_losses(tmp_path):
+    """model.attn_implementation reaches the model (fails if load_policy drops it: the model
+    would stay on sdpa), and packing holds under another kernel (fails if the conversations of
+    a row attend to each other under eager, whose mask transformers builds separately)."""
+    from nsft_ray.algorithms import load_policy
+    from nsft_ray.algorithms.reward import load_reward_model
+
+    path = build_tiny_vlm(tmp_path / "m", CORPUS)
+    sdpa, processor = load_vlm(path)
+    eager, _ = load_policy(Config(model=ModelConfig(name_or_path=str(path),
+                                                    attn_implementation="eager")))
+    assert sdpa.config.text_config._attn_implementation == "sdpa"
+    for config in (eager.config, eager.config.text_config, eager.config.vision_config):
+        assert config._attn_implementation == "eager"
+    reward, _ = load_reward_model(Config(model=ModelConfig(name_or_path=str(path),
+                                                           attn_implementation="eager")))
+    assert reward.base.config.text_config._attn_implementation == "eager"
+    objective = nsft_objective(NSFTConfig(lam=0.7))
+    expected = terms(sdpa.train(), objective, collate(processor, 0))
+    assert_same(terms(eager.train(), objective, collate(processor, 128 + 64)), expected)
+
+
+def test_an_attention_kernel_that_cannot_load_names_the_key(tmp_path):
+    path = build_tiny_vlm(tmp_path / "m", CORPUS)
+    with pytest.raises(ValueError, match=r"model\.attn_implementation='bogus'"):
+        load_vlm(path, attn_implementation="bogus")

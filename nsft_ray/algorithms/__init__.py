@@ -44,7 +44,8 @@ def frozen_copy(model: nn.Module) -> nn.Module:
 def load_policy(cfg: Config) -> tuple[nn.Module, Any]:
     from nsft_ray.models import freeze, load_vlm
 
-    model, processor = load_vlm(cfg.model.name_or_path, dtype=cfg.model.dtype)
+    model, processor = load_vlm(cfg.model.name_or_path, dtype=cfg.model.dtype,
+                                attn_implementation=cfg.model.attn_implementation)
     freeze(model, cfg.model.freeze)
     return model, processor
 

@@ -92,10 +92,12 @@ def load_reward_model(cfg: Config) -> tuple[nn.Module, Any]:
     from nsft_ray.models import VALUE_HEAD_FILE, VLMWithValueHead, load_value_model, load_vlm
 
     path = Path(cfg.model.name_or_path)
+    attention = cfg.model.attn_implementation
     if (path / VALUE_HEAD_FILE).is_file():
-        model, processor = load_value_model(path, dtype=cfg.model.dtype)
+        model, processor = load_value_model(path, dtype=cfg.model.dtype,
+                                            attn_implementation=attention)
     else:
-        base, processor = load_vlm(path, dtype=cfg.model.dtype)
+        base, processor = load_vlm(path, dtype=cfg.model.dtype, attn_implementation=attention)
         # Same head on every worker, whatever each worker's seed (fork_rng keeps theirs).
         with torch.random.fork_rng():
             torch.manual_seed(cfg.run.seed)
