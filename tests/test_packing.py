@@ -298,3 +298,23 @@ def test_an_attention_kernel_that_cannot_load_names_the_key(tmp_path):
     path = build_tiny_vlm(tmp_path / "m", CORPUS)
     with pytest.raises(ValueError, match=r"model\.attn_implementation='bogus'"):
         load_vlm(path, attn_implementation="bogus")
+
+
+def test_under_flash_attention_a_micro_batch_packs_into_one_row(tiny):
+    """Flash kernels find packed sequences from position_ids only in a one-row batch; with
+    several rows they would attend across conversations, silently, on GPU only. Fails if the
+    collators keep packing into several rows under flash_attention_2 (the kernel itself cannot
+    run here), or if the one-row batch stops giving the padded losses."""
+    from nsft_ray.algorithms import preference_collate
+
+    model, processor = tiny
+    cfg = Config(model=ModelConfig(attn_implementation="flash_attention_2"),
+                 train=TrainConfig(max_length=128, pack_tokens=128))
+    packed = conversation_collate(processor, cfg)(rows())
+    assert packed["input_ids"].shape[0] == 1 < collate(processor, 128)["input_ids"].shape[0]
+    assert int((packed["position_ids"] == 0).sum()) == len(CONVERSATIONS)  # one start each
+    objective = nsft_objective(NSFTConfig(lam=0.7))
+    assert_same(terms(model, objective, packed), terms(model, objective, collate(processor, 0)))
+    pairs = preference_collate(processor, cfg)(PAIRS)
+    assert pairs["input_ids"].shape[0] == 1
+    assert int(pairs["sequence_ids"].max()) + 1 == 2 * len(PAIRS["id"])  # chosen + rejected

@@ -8,6 +8,7 @@ which rows it trains on, how rows become tensors, and how the trained module is 
 from __future__ import annotations
 
 import copy
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -61,7 +62,7 @@ def conversation_collate(processor: Any, cfg: Config) -> Callable[[dict], dict]:
     from nsft_ray.collate import Collator
 
     collator = Collator(processor, cfg.train.max_length, cache=cfg.train.cache_encoded,
-                        pack_tokens=cfg.train.pack_tokens)
+                        pack_tokens=pack_budget(cfg))
 
     def collate(batch: dict) -> dict:
         out = collator(batch)
@@ -80,7 +81,20 @@ def preference_collate(processor: Any, cfg: Config) -> Callable[[dict], dict]:
     packed into padding-free rows with train.pack_tokens."""
     from nsft_ray.preference_collate import PreferenceCollator
 
-    return PreferenceCollator(processor, cfg.train.max_length, cfg.train.pack_tokens)
+    return PreferenceCollator(processor, cfg.train.max_length, pack_budget(cfg))
+
+
+def pack_budget(cfg: Config) -> int:
+    """train.pack_tokens as the collators apply it. Flash attention kernels find packed
+    sequences from their restarting position_ids only in a batch of ONE row (transformers'
+    `_is_packed_sequence`); given several rows they would attend across the sequences of each.
+    So under them a micro-batch packs into a single row, however long."""
+    from transformers.utils.generic import is_flash_attention_requested
+
+    if cfg.train.pack_tokens and is_flash_attention_requested(
+            requested_attention_implementation=cfg.model.attn_implementation or None):
+        return sys.maxsize
+    return cfg.train.pack_tokens
 
 
 def image_features_cached(cfg: Config) -> bool:
